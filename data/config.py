@@ -1,0 +1,39 @@
+"""Configuration owned by the data package (the `data:` section of params.yaml)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSizes(Strict):
+    base: int = Field(192, ge=1, description="single-candidate base pool (Stage I step 1)")
+    multi_candidate: int = Field(128, ge=1, description="multi-candidate rows (Stage II)")
+    bench_per_task: int = Field(4, ge=1, description="SconeEval-layout held-out cases per task type (6 types)")
+    srum_prompts: int = Field(24, ge=1, description="compositional prompts for SRUM rounds")
+
+
+class QualityConfig(Strict):
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    refined_keep_score: int = Field(4, ge=0, le=4, description="refined subset keeps rows the judge scores >= this (0-4 scale)")
+
+
+class DataConfig(Strict):
+    seed: int = 1234
+    image_size: int = Field(32, ge=16, le=1024, description="rendered image side in pixels")
+    root: str = "artifacts/data"
+    rows_per_row_group: int = Field(32, ge=1)
+    row_groups_per_file: int = Field(4, ge=1, description="row groups per parquet file (Scone-S2I shards hold several)")
+    defect_fraction: float = Field(
+        0.25, ge=0.0, le=1.0, description="share of base rows whose target is spoilt like a noisy generated pool"
+    )
+    max_references: int = Field(4, ge=1, le=4)
+    instruction_writer: Literal["template", "openai"] = "template"
+    sizes: DatasetSizes = DatasetSizes()
+    quality: QualityConfig = QualityConfig()

@@ -1,0 +1,163 @@
+"""`scone`: the command line over the same steps the Prefect flows and `dvc repro` run.
+
+Every subcommand takes `--params PATH` and repeated `--set key.path=value` overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter, e.g. --set train.micro_batch=4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="scone", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pipeline", help="run the whole chain as a Prefect flow")
+    _common(p)
+    p.add_argument("--no-dvc-commit", action="store_true", help="do not record the results in dvc.lock")
+
+    data = sub.add_parser("data", help="build / validate datasets").add_subparsers(dest="action", required=True)
+    for action in ("build", "validate"):
+        p = data.add_parser(action)
+        _common(p)
+        p.add_argument("name", help="dataset name, or 'all'")
+
+    p = sub.add_parser("train", help="train one stage (DeepSpeed; num_ranks from params)")
+    _common(p)
+    p.add_argument("--stage", required=True)
+
+    ev = sub.add_parser("eval", help="benchmark scoring").add_subparsers(dest="action", required=True)
+    p = ev.add_parser("checkpoint", help="generate + judge + score one checkpoint on the held-out benchmark")
+    _common(p)
+    p.add_argument("name", help="checkpoint name (a stage or srum_roundK)")
+    p = ev.add_parser("aggregate", help="aggregate a Scone results tree (ours or another tool's)")
+    p.add_argument("--results-dir", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--benchmark", choices=["sconeeval", "omnicontext"], default="sconeeval")
+    p.add_argument("--out", required=True)
+
+    srum = sub.add_parser("srum", help="SRUM self-reward rounds")
+    _common(srum)
+    srum.add_argument("--rounds", type=int, default=None, help="run N rounds as a Prefect flow")
+    srum_sub = srum.add_subparsers(dest="action")
+    p = srum_sub.add_parser("round", help="run one round (generate, judge, reward, train) without Prefect")
+    _common(p)
+    p.add_argument("index", type=int)
+    p = srum_sub.add_parser("reward-map", help="dense reward maps from a SRUM regional-reward JSONL")
+    p.add_argument("--rewards", required=True)
+    p.add_argument("--width", type=int, required=True)
+    p.add_argument("--height", type=int, required=True)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("register", help="register checkpoints in MLflow and apply the promotion gate")
+    _common(p)
+    p.add_argument("names", nargs="*", help="checkpoint names (default: every checkpoint of the chain, in order)")
+
+    p = sub.add_parser("report", help="write artifacts/reports/index.html")
+    _common(p)
+
+    p = sub.add_parser("serve", help="serve the scheduled pipeline deployment locally (Prefect)")
+    _common(p)
+
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flows.params import ParamsError
+
+    try:
+        return _dispatch(args)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _params(args):
+    from flows.params import load_params
+
+    return load_params(args.params, args.overrides)
+
+
+def _dispatch(args) -> int:
+    cmd = args.command
+    if cmd == "eval" and args.action == "aggregate":
+        from evaluation.sconeeval import aggregate_command
+
+        print(aggregate_command(Path(args.results_dir), args.model, args.benchmark, Path(args.out)))
+        return 0
+    if cmd == "srum" and args.action == "reward-map":
+        import numpy as np
+
+        from model.reward_map import reward_maps_from_jsonl
+
+        maps = reward_maps_from_jsonl(Path(args.rewards), args.width, args.height)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.out, maps)
+        print(f"wrote {len(maps)} reward maps of {args.height}x{args.width} to {args.out}")
+        return 0
+
+    params = _params(args)
+    if cmd == "pipeline":
+        from flows.pipeline import scone_pipeline
+
+        scone_pipeline(params_path=args.params, overrides=args.overrides, dvc_commit=not args.no_dvc_commit)
+        return 0
+    if cmd == "data":
+        from tasks import datasets
+
+        names = datasets.all_names() if args.name == "all" else [args.name]
+        for name in names:
+            fn = datasets.build_step if args.action == "build" else datasets.validate_step
+            print(json.dumps(fn(params, name), indent=1, default=str))
+        return 0
+    if cmd == "train":
+        from tasks.train_stage import train_step
+
+        print(json.dumps(train_step(params, args.stage), indent=1, default=str))
+        return 0
+    if cmd == "eval":
+        from tasks.evaluate import evaluate_step
+
+        print(json.dumps(evaluate_step(params, args.name), indent=1, default=str)[:4000])
+        return 0
+    if cmd == "srum":
+        if args.action == "round":
+            from tasks.srum import srum_round_step
+
+            print(json.dumps(srum_round_step(params, args.index), indent=1, default=str))
+            return 0
+        from flows.srum import srum_flow
+
+        srum_flow(params_path=args.params, overrides=args.overrides, rounds=args.rounds)
+        return 0
+    if cmd == "register":
+        from tasks.register import register_step
+        from tasks.paths import checkpoint_names
+
+        for name in args.names or checkpoint_names(params):
+            print(json.dumps(register_step(params, name), indent=1, default=str))
+        return 0
+    if cmd == "report":
+        from tasks.report import report_step
+
+        print(report_step(params))
+        return 0
+    if cmd == "serve":
+        from flows.deploy import serve
+
+        serve(params_path=args.params)
+        return 0
+    raise AssertionError(f"unhandled command {cmd}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Configuration owned by the model package: architecture (`model:`) and training (`train:`)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from data.config import Strict
+
+
+class BridgeConfig(Strict):
+    """Understanding bridge (Scone Sec. 3.4). Paper: layer 8 of 28 for the mask, applied in layers 9-16, tau 0.88.
+
+    Scaled to the tiny model by depth fraction: early layer ~ 8/28 of depth, applied through ~16/28.
+    """
+
+    early_layer: int = Field(1, ge=0, description="layer whose und.-expert states give the semantic mask")
+    apply_until: int = Field(2, ge=0, description="last layer (inclusive) receiving the mask; starts at early_layer+1")
+    tau: float = Field(0.88, ge=-1.0, le=1.0, description="cosine threshold; tokens with s < tau are masked")
+
+
+class ModelConfig(Strict):
+    name: str = "tiny"
+    hidden_size: int = Field(128, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    mlp_ratio: float = 4.0
+    image_size: int = 32
+    vit_patch: int = Field(8, description="ViT token grid = image_size / vit_patch")
+    latent_patch: int = Field(4, description="latent token grid = image_size / latent_patch")
+    max_text_len: int = 48
+    max_references: int = 4
+    timestep_shift: float = Field(1.0, gt=0)
+    timestep_sampling: Literal["logit_normal", "uniform"] = Field(
+        "logit_normal", description="training timestep distribution before the shift"
+    )
+    prediction: Literal["x0", "velocity"] = Field(
+        "x0",
+        description="what the generation head outputs; the loss is the velocity MSE either way. x0: the head "
+        "predicts the clean latent and v = (x_t - x0_hat) / max(t, t_min) - far easier for a small model whose "
+        "latent patches are wide relative to its hidden size",
+    )
+    prediction_t_min: float = Field(0.05, gt=0, le=1, description="clamp of t in the x0 -> velocity conversion")
+    cfg_drop_text: float = Field(0.1, ge=0, le=1, description="guidance dropout: instruction replaced by empty")
+    cfg_drop_image: float = Field(0.05, ge=0, le=1, description="guidance dropout: references (and text) removed")
+    bridge: BridgeConfig = BridgeConfig()
+
+    @model_validator(mode="after")
+    def _grids_divide(self):
+        for what in ("vit_patch", "latent_patch"):
+            if self.image_size % getattr(self, what):
+                raise ValueError(f"image_size {self.image_size} must be divisible by {what} {getattr(self, what)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        b = self.bridge
+        if not (b.early_layer < b.apply_until < self.num_layers):
+            raise ValueError(
+                f"bridge layers (early_layer={self.bridge.early_layer}, apply_until={self.bridge.apply_until}) "
+                f"must satisfy early_layer < apply_until < num_layers={self.num_layers}"
+            )
+        return self
+
+
+class StageConfig(Strict):
+    """One training stage: a data mix, a freezing schedule and a length. No code per stage."""
+
+    datasets: list[str] = Field(min_length=1, description="dataset names under data.root/parquet_data")
+    init_from: str | None = Field(None, description="previous stage name (its checkpoint) or null for scratch")
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    train_understanding: bool = True
+    train_generation: bool = True
+    bridge: bool = False
+    und_loss_weight: float = Field(0.1, ge=0)
+
+
+class TrainConfig(Strict):
+    num_ranks: int = Field(1, ge=1, description="DeepSpeed ranks (torchrun --nproc_per_node)")
+    zero_stage: int = Field(2, ge=0, le=3)
+    micro_batch: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = Field(50, ge=1, description="resumable DeepSpeed checkpoint interval (steps)")
+    stages: dict[str, StageConfig]
+
+
+class SrumConfig(Strict):
+    """SRUM self-reward post-training (SRUM Sec. 3, Table 6), scaled to the tiny model."""
+
+    rounds: int = Field(1, ge=0)
+    init_from: str = Field("stage2_step2", description="stage whose checkpoint the first round starts from")
+    candidates: int = Field(4, ge=1, description="K candidates per compositional prompt")
+    judge: Literal["self", "oracle", "openai"] = "oracle"
+    lambda_c: float = Field(0.5, ge=0, description="weight of the reference flow-matching constraint (paper's best 0.5)")
+    alpha: float = Field(1.0, gt=0, description="scale of the reward term")
+    steps: int = Field(40, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-15
+    grad_clip: float = 1.0
+    weight_decay: float = Field(0.0, ge=0, description="Table 6: 0.0")
+    micro_batch: int = Field(8, ge=1, description="self-generated candidates per step (each with its reference)")
+    seed: int = Field(0, description="candidate sampling seeds and training noise derive from it and the round")
+    bridge: bool = Field(True, description="understanding bridge on while sampling and training (as stage2)")
+    train_understanding: bool = Field(
+        False, description="also update the understanding expert; off keeps the self judge fixed within a round"
+    )
+    reward_weighting: Literal["direct", "signed"] = Field(
+        "direct", description="loss weight from the reward map R in [0, 1]: R itself, or 2R-1 (negative repels); "
+        "see model.srum_loss"
+    )

@@ -1,0 +1,279 @@
+"""Reward-weighted training of one SRUM round (SRUM Sec. 3.3, recipe of Table 6 scaled down).
+
+Each candidate is one prompt, the image the model generated for it, its dense reward map on the latent grid
+and the prompt's ground-truth image. A step draws `micro_batch` candidates per rank and runs ONE forward
+pass over 2 x micro_batch sequences (the self-generated targets, then their ground-truth references, under
+the same prompt) and minimises L_r + lambda_c * L_ref (model.srum_loss). The DeepSpeed engine is the stage
+trainer's (model.engine): AdamW with the SRUM betas and eps, constant LR after a linear warm-up, gradient
+clipping, fp32 on CPU / bf16 on GPUs; freezing follows model.train.apply_freezing (generation expert by
+default, see SrumConfig.train_understanding).
+
+`train_srum_round` writes into `out_dir`, like model.train.train_stage does for a stage:
+- the Hugging Face checkpoint at `out_dir` itself (`model.safetensors`, `config.json`, tokenizer files);
+- `metrics.jsonl`: one line per step {step, loss, l_r, l_ref, lr, grad_norm};
+- `train_summary.json`, written last.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from model import engine as ds_engine
+from model.batching import Example, collate
+from model.config import ModelConfig, SrumConfig, StageConfig, TrainConfig
+from model.flow import add_noise, sample_timesteps
+from model.srum_loss import srum_loss
+
+METRICS = "metrics.jsonl"
+SUMMARY = "train_summary.json"
+SRUM_DATASET = "srum_self_generated"  # label only: the data are the round's candidates, held in memory
+
+
+class SrumCandidate(NamedTuple):
+    example: Example  # the prompt: references (none for text-to-image) and instruction
+    image: np.ndarray  # uint8 H x W x 3, what the model generated for it
+    reward: np.ndarray  # [grid, grid] reward map on the latent grid (model.reward_map.to_latent_grid)
+    reference: np.ndarray  # uint8 H x W x 3, the prompt's ground-truth image (target of L_ref)
+
+
+class SrumLoss(nn.Module):
+    """L_r + lambda_c * L_ref as the module DeepSpeed wraps (one forward over generated + reference targets)."""
+
+    def __init__(self, model: nn.Module, *, bridge: bool, alpha: float, lambda_c: float, weighting: str):
+        super().__init__()
+        self.model = model
+        self.bridge, self.alpha, self.lambda_c, self.weighting = bridge, alpha, lambda_c, weighting
+
+    def forward(self, batch: dict, reward: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        m = self.model
+        x0 = m.encode_latents(batch["target_pixels"])
+        n = x0.shape[0]
+        b = reward.shape[0]
+        if n != 2 * b:
+            raise ValueError(f"SRUM batch holds {n} targets for {b} reward maps; expected generated + reference pairs")
+        c = m.config
+        t = sample_timesteps(n, shift=c.timestep_shift, mode=c.timestep_sampling, generator=generator, device=x0.device)
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device, x0.dtype)
+        # guidance dropout as in every stage: the sampler keeps using the unconditional branches
+        cond = m.drop_conditions(batch, generator) if self.training else batch
+        # the bridge masks reference tokens; text-to-image prompts have none (and the model needs some for it)
+        bridge = self.bridge and batch["ref_mask"].shape[1] > 0
+        v = m.predict_velocity(cond, add_noise(x0, noise, t), t, bridge=bridge)
+        return srum_loss(v[:b], noise[:b], x0[:b], reward, v[b:], noise[b:], x0[b:],
+                         alpha=self.alpha, lambda_c=self.lambda_c, weighting=self.weighting)
+
+
+def srum_stage(srum: SrumConfig) -> StageConfig:
+    """The round as a stage for the engine builder: constant LR after warm-up, generation expert trained."""
+    return StageConfig(
+        datasets=[SRUM_DATASET], init_from=None, steps=srum.steps, lr=srum.lr, warmup_steps=srum.warmup_steps,
+        schedule="constant", train_understanding=srum.train_understanding, train_generation=True,
+        bridge=srum.bridge, und_loss_weight=0.0,
+    )
+
+
+def srum_train_config(srum: SrumConfig, base: TrainConfig | None = None) -> TrainConfig:
+    """Optimiser settings from the SRUM recipe; ZeRO stage and precision from the pipeline's `train:` section."""
+    stage = srum_stage(srum)
+    return TrainConfig(
+        num_ranks=1, zero_stage=base.zero_stage if base else 2, micro_batch=srum.micro_batch, grad_accum=1,
+        grad_clip=srum.grad_clip, precision=base.precision if base else "auto", weight_decay=srum.weight_decay,
+        betas=srum.betas, seed=srum.seed, log_every=1, save_every=max(srum.steps, 1), stages={"srum": stage},
+    )
+
+
+def _torch_optimizers(opt) -> list[torch.optim.Optimizer]:
+    """The torch optimizer(s) inside whatever DeepSpeed wrapped around ours (ZeRO keeps it as `.optimizer`)."""
+    seen, out = set(), []
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer):
+            out.append(opt)
+        opt = getattr(opt, "optimizer", None)
+    return out
+
+
+def set_adam_eps(eng, eps: float) -> None:
+    # model.engine's AdamW takes no eps; SRUM needs 1e-15 (Table 6), and AdamW reads it from the
+    # param groups at every step, so setting it there is exact.
+    optimizers = _torch_optimizers(eng.optimizer)
+    if not optimizers:
+        raise RuntimeError(f"no torch optimizer inside {type(eng.optimizer).__name__}; cannot set AdamW eps")
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["eps"] = eps
+
+
+def _batch_order(n: int, need: int, seed: int) -> np.ndarray:
+    """Candidate indices for `need` draws: shuffled epochs one after another (deterministic in seed)."""
+    rng = np.random.default_rng(seed)
+    epochs = -(-need // n)
+    return np.concatenate([rng.permutation(n) for _ in range(epochs)])[:need]
+
+
+def _to_device(batch: dict, device, dtype: torch.dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def _state_dict(model: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    if zero_stage == 3:  # each rank holds a shard until gathered
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _check_candidates(candidates: Sequence, grid: int) -> list[SrumCandidate]:
+    out = []
+    for i, c in enumerate(candidates):
+        c = SrumCandidate(*c)
+        reward = np.asarray(c.reward, dtype=np.float32)
+        if reward.shape != (grid, grid):
+            raise ValueError(
+                f"candidate {i}: reward map of shape {reward.shape}, the model's latent grid is {grid}x{grid}; "
+                "resize it with model.reward_map.to_latent_grid(map, grid)"
+            )
+        if not np.isfinite(reward).all():
+            raise ValueError(f"candidate {i}: the reward map has non-finite values")
+        out.append(c._replace(reward=reward))
+    if not out:
+        raise ValueError("train_srum_round needs at least one candidate (prompt, image, reward map, reference)")
+    return out
+
+
+def train_srum_round(
+    model_dir: str | Path,
+    candidates: Sequence[SrumCandidate | tuple],
+    srum_cfg: SrumConfig,
+    model_cfg: ModelConfig | None,
+    out_dir: str | Path,
+    *,
+    train: TrainConfig | None = None,
+    progress: bool = False,
+) -> dict:
+    """Train `model_dir`'s checkpoint on one round of scored candidates; return the summary.
+
+    `model_cfg` (optional) is checked against the checkpoint's own config; the checkpoint is the authority.
+    `train` supplies ZeRO stage and precision (defaults: ZeRO-2, auto precision -> fp32 on CPU).
+    """
+    from tqdm.auto import tqdm
+
+    from model.modeling import load_checkpoint
+    from model.train import apply_freezing
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    model, tokenizer = load_checkpoint(model_dir)
+    if model_cfg is not None:
+        own = model.config.to_model_config()
+        keys = ("image_size", "latent_patch", "hidden_size", "num_layers")
+        diff = [k for k in keys if getattr(own, k) != getattr(model_cfg, k)]
+        if diff:
+            raise ValueError(f"model config differs from the checkpoint {model_dir} in {diff}; "
+                             "the SRUM round trains the checkpoint as saved")
+    cands = _check_candidates(candidates, model.latent_grid)
+
+    rank, world = ds_engine.init_distributed()
+    train_cfg = srum_train_config(srum_cfg, train)
+    stage = train_cfg.stages["srum"]
+    precision = ds_engine.resolve_precision(train_cfg.precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(srum_cfg.seed)
+    trainable = apply_freezing(model, stage)
+    loss_module = SrumLoss(model, bridge=srum_cfg.bridge, alpha=srum_cfg.alpha, lambda_c=srum_cfg.lambda_c,
+                           weighting=srum_cfg.reward_weighting)
+    eng = ds_engine.build_engine(loss_module, trainable, train_cfg, stage, world_size=world, precision=precision)
+    set_adam_eps(eng, srum_cfg.eps)
+    eng.train()
+
+    mb = srum_cfg.micro_batch
+    order = _batch_order(len(cands), srum_cfg.steps * world * mb, srum_cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / METRICS
+    if rank == 0:
+        metrics_path.write_text("")
+    history: list[dict] = []
+    bar = tqdm(total=srum_cfg.steps, desc="srum", unit="step", disable=not (progress and rank == 0))
+    t_loop = time.perf_counter()
+    try:
+        for step in range(srum_cfg.steps):
+            lr = float(eng.get_lr()[0])
+            start = (step * world + rank) * mb
+            chosen = [cands[i] for i in order[start : start + mb]]
+            examples = [Example(refs=c.example.refs, instruction=c.example.instruction, target=c.image) for c in chosen]
+            examples += [Example(refs=c.example.refs, instruction=c.example.instruction, target=c.reference) for c in chosen]
+            batch = _to_device(collate(examples, tokenizer, model.config), eng.device, dtype)
+            reward = torch.from_numpy(np.stack([c.reward for c in chosen])).to(eng.device, dtype)
+            seed = int(np.random.SeedSequence([srum_cfg.seed, step, rank]).generate_state(1)[0])
+            torch.manual_seed(seed)
+            gen = torch.Generator(device=eng.device).manual_seed(seed)
+            out = eng(batch, reward, generator=gen)
+            eng.backward(out["loss"])
+            eng.step()
+            values = torch.tensor([float(out[k].detach().float()) for k in ("loss", "l_r", "l_ref")], dtype=torch.float64)
+            if world > 1:
+                import torch.distributed as dist
+
+                values = values.to(eng.device)
+                dist.all_reduce(values)
+                values = values.cpu() / world
+            grad_norm = eng.get_global_grad_norm()
+            row = {"step": step + 1, "loss": float(values[0]), "l_r": float(values[1]), "l_ref": float(values[2]),
+                   "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm)}
+            history.append(row)
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.update(1)
+        loop_s = time.perf_counter() - t_loop
+        state = _state_dict(eng.module.model, train_cfg.zero_stage)
+        if rank == 0:
+            model.save_pretrained(out_dir, state_dict=state)
+            tokenizer.save_pretrained(out_dir)
+        summary = {
+            "stage": "srum",
+            "init_checkpoint": str(model_dir),
+            "steps": srum_cfg.steps,
+            "candidates": len(cands),
+            "micro_batch": mb,
+            "num_ranks": world,
+            "final_loss": history[-1]["loss"],
+            "final_l_r": history[-1]["l_r"],
+            "final_l_ref": history[-1]["l_ref"],
+            "mean_loss": float(np.mean([h["loss"] for h in history])),
+            "lr": srum_cfg.lr,
+            "adam_eps": srum_cfg.eps,
+            "lambda_c": srum_cfg.lambda_c,
+            "alpha": srum_cfg.alpha,
+            "reward_weighting": srum_cfg.reward_weighting,
+            "precision": precision,
+            "zero_stage": train_cfg.zero_stage,
+            "trainable_params": sum(p.numel() for p in trainable),
+            "wall_s": loop_s,
+            "total_s": time.perf_counter() - t_start,
+            "checkpoint": str(out_dir),
+            "metrics": str(metrics_path),
+        }
+        if rank == 0:
+            (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return summary
+    finally:
+        bar.close()
+        eng.destroy()

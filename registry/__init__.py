@@ -1,0 +1,82 @@
+"""MLflow tracking, the model registry and the promotion gate.
+
+The metric names below are the one vocabulary shared by the tasks that log metrics, the gate that reads them and
+the dashboards that display them. Importing this package is cheap: MLflow loads only with `registry.tracking`.
+"""
+from __future__ import annotations
+
+# SconeEval sub-tasks in the paper's Table 3 order (the same order as `data.records.TASK_TYPES`).
+SCONEEVAL_TASK_TYPES: tuple[str, ...] = (
+    "composition_single",
+    "composition_multi",
+    "distinction_cross",
+    "distinction_intra",
+    "distinction_composition_cross",
+    "distinction_composition_intra",
+)
+
+# Averages on the 0-10 scale: COM (composition), DIS (distinction), Overall = (COM + DIS) / 2.
+SCONEEVAL_OVERALL = "sconeeval.overall"
+SCONEEVAL_COM = "sconeeval.com"
+SCONEEVAL_DIS = "sconeeval.dis"
+
+# Families the dashboards group by prefix.
+SRUM_PREFIX = "srum."
+T2I_PREFIX = "t2i."
+
+# Training curves read from metrics.jsonl (any numeric field is logged; these are the ones plotted).
+LOSS_METRICS: tuple[str, ...] = ("loss", "fm_loss", "und_loss")
+
+
+def sconeeval_metric(task_type: str, kind: str) -> str:
+    """Per-task metric name, e.g. `sconeeval.distinction_cross.dis`."""
+    if task_type not in SCONEEVAL_TASK_TYPES:
+        raise ValueError(f"unknown SconeEval task type {task_type!r}; expected one of {', '.join(SCONEEVAL_TASK_TYPES)}")
+    if kind not in ("com", "dis"):
+        raise ValueError(f"SconeEval score kind must be 'com' or 'dis', got {kind!r}")
+    return f"sconeeval.{task_type}.{kind}"
+
+
+# The paper's Table 3 columns: composition tasks carry COM only, the distinction tasks COM and DIS.
+TABLE3_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("Comp. Single COM", sconeeval_metric("composition_single", "com")),
+    ("Comp. Multi COM", sconeeval_metric("composition_multi", "com")),
+    ("Dist. Cross COM", sconeeval_metric("distinction_cross", "com")),
+    ("Dist. Cross DIS", sconeeval_metric("distinction_cross", "dis")),
+    ("Dist. Intra COM", sconeeval_metric("distinction_intra", "com")),
+    ("Dist. Intra DIS", sconeeval_metric("distinction_intra", "dis")),
+    ("D&C Cross COM", sconeeval_metric("distinction_composition_cross", "com")),
+    ("D&C Cross DIS", sconeeval_metric("distinction_composition_cross", "dis")),
+    ("D&C Intra COM", sconeeval_metric("distinction_composition_intra", "com")),
+    ("D&C Intra DIS", sconeeval_metric("distinction_composition_intra", "dis")),
+    ("Average COM", SCONEEVAL_COM),
+    ("Average DIS", SCONEEVAL_DIS),
+    ("Overall", SCONEEVAL_OVERALL),
+)
+
+
+def sconeeval_metrics(summary: dict) -> dict[str, float]:
+    """The registry's metric names for an `evaluation.sconeeval` summary (what `evaluate_checkpoint` returns).
+
+    `average.{COM,DIS,Overall}` → `sconeeval.{com,dis,overall}`, `std.*` → `sconeeval.*_std`, and every per-task
+    figure (`COM`, `DIS`, `PF`, `SC`, `DIS_acc`, ...) → `sconeeval.<task_type>.<figure lowercased>`. Figures that
+    are null/NaN (a task type the benchmark lacks) are left out, so "not run" stays distinguishable from 0.
+    """
+    if not isinstance(summary, dict) or "average" not in summary:
+        raise ValueError("not a SconeEval summary: expected the dict evaluation.runner.evaluate_checkpoint returns "
+                         "(keys 'average', 'per_task', 'std')")
+    out: dict[str, float] = {}
+
+    def put(name: str, value) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:  # drops NaN
+            out[name] = float(value)
+
+    for key, value in summary["average"].items():
+        put(f"sconeeval.{key.lower()}", value)
+    for key, value in (summary.get("std") or {}).items():
+        put(f"sconeeval.{key.lower()}_std", value)
+    for task_type, figures in (summary.get("per_task") or {}).items():
+        for key, value in figures.items():
+            if key != "n_cases":
+                put(f"sconeeval.{task_type}.{key.lower()}", value)
+    return out

@@ -1,0 +1,293 @@
+"""MLflow tracking for the chain: one run per checkpoint, with params, metric histories and artifacts.
+
+The embedded default is a SQLite store at `artifacts/mlflow.db` with run artifacts under `artifacts/mlruns`; at
+scale `MLFLOW_TRACKING_URI` points at a tracking server and nothing here changes. MLflow migrates a fresh SQLite
+schema on first use (seconds); MLflow caches the store per URI, so a process pays that once whatever the number
+of `Tracker` objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+from registry.config import RegistryConfig
+
+# Run tags: what a checkpoint is and which code and data made it. Copied onto model versions at registration.
+TAG_STAGE = "scone.stage"
+TAG_KIND = "scone.kind"
+TAG_GIT_COMMIT = "scone.git_commit"
+TAG_GIT_DIRTY = "scone.git_dirty"
+TAG_DATA_HASH = "scone.data_hash"
+RUN_KINDS = ("stage", "srum", "eval")
+
+
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """The tracking URI to use: `MLFLOW_TRACKING_URI` wins; a relative SQLite path is made absolute under `root`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        db = Path(uri[len(prefix):])
+        if not db.is_absolute():
+            db = Path(root).resolve() / db
+        return prefix + str(db)
+    if "://" not in uri:  # a bare path: MLflow reads it as a file store; keep it absolute too
+        path = Path(uri)
+        return str(path if path.is_absolute() else Path(root).resolve() / path)
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file behind a `sqlite:///` URI, None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+@dataclass(frozen=True)
+class CodeVersion:
+    commit: str  # short hash, or "unknown" outside a git checkout / before the first commit
+    dirty: bool
+
+
+def git_commit(root: Path = Path(".")) -> CodeVersion:
+    """The code version of `root`, read-only (GIT_OPTIONAL_LOCKS=0 keeps `git status` from touching the index)."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, env=env, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if not commit:
+        return CodeVersion("unknown", dirty=git("rev-parse", "--git-dir") is not None)
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return CodeVersion(commit, dirty=bool(status))
+
+
+def _md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _lock_outs(root: Path) -> dict[str, str]:
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return {}
+    tree = yaml.safe_load(lock.read_text()) or {}
+    outs = {}
+    for stage in (tree.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if "path" in out and "md5" in out:
+                outs[os.path.normpath(out["path"])] = out["md5"]
+    return outs
+
+
+def dvc_data_hash(paths: list[str | Path], root: Path = Path(".")) -> str:
+    """One md5 naming the version of the data under `paths` (relative to `root`, the DVC project).
+
+    Each path takes the md5 that `dvc.lock` records for it (a `.dir` hash for directories) when a stage out covers
+    it, so the value matches `dvc status` / `dvc diff`. Paths DVC does not track yet get a content md5 instead: over
+    every file below them in sorted relative-path order, hashing each path together with its file md5 (stable
+    across machines, sensitive to renames). The result is the md5 of the sorted `path:md5` lines.
+    """
+    root = Path(root)
+    outs = _lock_outs(root)
+    lines = []
+    for p in paths:
+        rel = os.path.normpath(os.path.relpath(Path(root, p), root))
+        digest = outs.get(rel)
+        if digest is None:
+            # an out that contains this path (dvc tracks a parent dir) identifies it too
+            parent = next((o for o in outs if rel.startswith(o + os.sep)), None)
+            digest = f"{outs[parent]}:{rel}" if parent else None
+        if digest is None:
+            target = root / rel
+            if not target.exists():
+                raise FileNotFoundError(f"data path {target} does not exist and dvc.lock has no entry for it; build the dataset first (scone data build)")
+            files = [target] if target.is_file() else sorted(f for f in target.rglob("*") if f.is_file())
+            h = hashlib.md5()
+            for f in files:
+                h.update(f"{f.relative_to(target).as_posix()}\0{_md5_file(f)}\n".encode())
+            digest = h.hexdigest()
+        lines.append(f"{Path(rel).as_posix()}:{digest}")
+    return hashlib.md5("\n".join(sorted(lines)).encode()).hexdigest()
+
+
+def flatten_params(params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
+    """Nested mappings (or pydantic models) → dotted keys with string values cut to MLflow's length limit."""
+    if hasattr(params, "model_dump"):
+        params = params.model_dump(mode="json")
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json")
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, name + "."))
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        flat[name] = text[:MAX_PARAM_VAL_LENGTH]
+    return flat
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class Tracker:
+    """The chain's MLflow experiment: runs per checkpoint, params, metric histories, artifacts."""
+
+    def __init__(self, cfg: RegistryConfig, root: Path = Path(".")):
+        self.cfg = cfg
+        self.root = Path(root).resolve()
+        self.tracking_uri = resolve_tracking_uri(cfg.tracking_uri, self.root)
+        db = sqlite_path(self.tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        self._experiment_id: str | None = None
+
+    @property
+    def artifact_location(self) -> str | None:
+        if _is_remote(self.tracking_uri):
+            return None  # the server decides (artifact proxy / object store)
+        path = Path(self.cfg.artifact_location)
+        return (path if path.is_absolute() else self.root / path).as_uri()
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.cfg.experiment)
+            if exp is None:
+                self._experiment_id = self.client.create_experiment(
+                    self.cfg.experiment, artifact_location=self.artifact_location
+                )
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def start_run(self, name: str, kind: str | None = None, data_hash: str | None = None,
+                  tags: Mapping[str, str] | None = None) -> str:
+        """A run for checkpoint `name` (a stage, or `srum_roundK`), tagged with its kind, code and data version."""
+        kind = kind or ("srum" if name.startswith("srum") else "stage")
+        if kind not in RUN_KINDS:
+            raise ValueError(f"run kind {kind!r} is not one of {RUN_KINDS}")
+        code = git_commit(self.root)
+        all_tags = {TAG_STAGE: name, TAG_KIND: kind, TAG_GIT_COMMIT: code.commit, TAG_GIT_DIRTY: str(code.dirty).lower()}
+        if data_hash:
+            all_tags[TAG_DATA_HASH] = data_hash
+        all_tags.update(tags or {})
+        return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    @contextmanager
+    def run(self, name: str, kind: str | None = None, data_hash: str | None = None,
+            tags: Mapping[str, str] | None = None) -> Iterator[str]:
+        """`with tracker.run("stage1_step1") as run_id:` — FAILED when the block raises, FINISHED otherwise."""
+        run_id = self.start_run(name, kind, data_hash, tags)
+        try:
+            yield run_id
+        except BaseException:
+            self.end_run(run_id, RunStatus.to_string(RunStatus.FAILED))
+            raise
+        self.end_run(run_id)
+
+    def find_run(self, name: str, kind: str | None = None) -> str | None:
+        """The newest run for checkpoint `name` (lets a resumed pipeline attach evaluation to its training run)."""
+        query = f"tags.`{TAG_STAGE}` = '{name}'"
+        if kind:
+            query += f" AND tags.`{TAG_KIND}` = '{kind}'"
+        runs = self.client.search_runs([self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def log_params(self, run_id: str, params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
+        flat = flatten_params(params, prefix)
+        items = [Param(k, v) for k, v in flat.items()]
+        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=chunk, synchronous=True)
+        return flat
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """A flat dict of numbers (e.g. the evaluation summary under the `registry` metric names)."""
+        bad = [k for k, v in metrics.items() if not _is_number(v)]
+        if bad:
+            raise TypeError(f"metrics must be numbers; not numeric: {', '.join(bad)} (flatten the summary first)")
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk, synchronous=True)
+
+    def log_metrics_file(self, run_id: str, path: Path, prefix: str = "") -> int:
+        """Log a training `metrics.jsonl` (one JSON object per line with an integer `step`) as metric histories.
+
+        Every numeric field except `step` becomes metric `prefix + field` at that step; a `time` field (seconds
+        since the epoch), when present, is used as the point's timestamp. Returns the number of points logged.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"metrics file {path} not found (training writes it next to the checkpoint)")
+        now = int(time.time() * 1000)
+        points: list[Metric] = []
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not _is_number(rec.get("step")):
+                raise ValueError(f"{path}:{lineno}: each line must be a JSON object with a numeric 'step'")
+            step = int(rec["step"])
+            ts = int(rec["time"] * 1000) if _is_number(rec.get("time")) else now
+            for key, value in rec.items():
+                if key in ("step", "time") or not _is_number(value):
+                    continue
+                points.append(Metric(prefix + key, float(value), ts, step))
+        for chunk in _chunks(points, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk, synchronous=True)
+        return len(points)
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise FileNotFoundError(f"artifact directory {local_dir} not found")
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, run_id: str, local_file: Path, artifact_path: str | None = None) -> None:
+        local_file = Path(local_file)
+        if not local_file.is_file():
+            raise FileNotFoundError(f"artifact file {local_file} not found")
+        self.client.log_artifact(run_id, str(local_file), artifact_path)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, tags=chunk, synchronous=True)

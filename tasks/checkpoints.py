@@ -1,0 +1,35 @@
+"""Facts about a checkpoint of the chain that several tasks need: its stage config, bridge use, datasets."""
+from __future__ import annotations
+
+from tasks.paths import Paths
+
+
+def is_srum(name: str) -> bool:
+    return name.startswith("srum_round")
+
+
+def srum_index(name: str) -> int:
+    return int(name.removeprefix("srum_round"))
+
+
+def stage_of(params, name: str) -> str:
+    """The training stage whose recipe produced (or underlies) checkpoint `name`."""
+    if is_srum(name):
+        return params.srum.init_from
+    if name not in params.train.stages:
+        known = ", ".join(list(params.train.stages) + [f"srum_round1..{params.srum.rounds}"])
+        raise KeyError(f"unknown checkpoint {name!r}; known: {known}")
+    return name
+
+
+def uses_bridge(params, name: str) -> bool:
+    """Sampling follows training: a checkpoint trained with the semantic mask samples with it."""
+    return params.train.stages[stage_of(params, name)].bridge
+
+
+def data_dirs(params, name: str) -> list:
+    """The dataset folders a checkpoint was trained on (for the DVC data hash on its registered version)."""
+    p = Paths.from_params(params)
+    if is_srum(name):
+        return [p.data / "srum_prompts"]
+    return [p.data / "parquet_data" / d for d in params.train.stages[name].datasets]

@@ -1,0 +1,70 @@
+"""Where every artifact of the chain lives, derived from params (one place, so DVC outs and flows agree)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DATASETS = (
+    "scone_single_candidate_base",
+    "scone_single_candidate_refined",
+    "scone_multi_candidate",
+    "sconeeval_bench",
+    "srum_prompts",
+)
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+    data: Path
+
+    @classmethod
+    def from_params(cls, params) -> "Paths":
+        return cls(root=Path(params.pipeline.artifacts), data=Path(params.data.root))
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def train_state(self) -> Path:
+        return self.root / "train_state"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def srum(self) -> Path:
+        return self.root / "srum"
+
+    @property
+    def bench(self) -> Path:
+        return self.root / "bench"
+
+    def checkpoint(self, name: str) -> Path:
+        return self.checkpoints / name
+
+    def score_dir(self, name: str) -> Path:
+        return self.scores / name
+
+
+def srum_name(round_index: int) -> str:
+    return f"srum_round{round_index}"
+
+
+def checkpoint_names(params) -> list[str]:
+    """Every checkpoint the chain produces, in order: the training stages, then the SRUM rounds."""
+    return list(params.pipeline.stage_order) + [srum_name(k) for k in range(1, params.srum.rounds + 1)]

@@ -1,0 +1,221 @@
+import dataclasses
+
+import numpy as np
+import pytest
+
+from data.formats.srum_rewards import read_rewards, write_rewards
+from data.render import render_array
+from data.scene import Placement, Scene, Subject
+from evaluation import srum
+from evaluation.srum import (
+    OracleRewardJudge,
+    OpenAIRewardJudge,
+    SelfRewardJudge,
+    candidate_seed,
+    isolate,
+    layout_band,
+    make_reward_judge,
+    neutral_band,
+    parse_regions,
+    parse_score,
+    prompt_colours,
+    propose_regions,
+    reward_record,
+)
+from model.reward_map import reward_map
+
+RED_CIRCLE = Subject("u1", "object", "circle", "red")
+BLUE_SQUARE = Subject("u2", "object", "square", "blue")
+LEFT, RIGHT = (2, 13, 15, 26), (17, 13, 30, 26)
+
+
+def scene(*placements, background="beach"):
+    return Scene(background, tuple(Placement(s, b) for s, b in placements), 32)
+
+
+def row(target: Scene, prompt: str, category: str, specified: bool, key="p0"):
+    return {"key": key, "category": category, "prompt": prompt, "target": target, "layout_specified": specified}
+
+
+SPATIAL = row(scene((RED_CIRCLE, LEFT), (BLUE_SQUARE, RIGHT)), "a red circle on the left of a blue square at the beach",
+              "spatial", True)
+PAIR = row(scene((RED_CIRCLE, LEFT), (BLUE_SQUARE, RIGHT)), "a red circle and a blue square at the beach", "shape", False)
+
+
+def judge(r, image):
+    return OracleRewardJudge().judge(r, image, propose_regions(image, r))
+
+
+def test_bands_follow_the_scoring_guide():
+    assert layout_band(1.0) == 1.0 and layout_band(1.0, exact_counts=False) == 0.9
+    assert layout_band(0.5) == pytest.approx(0.5) and layout_band(2 / 3) == pytest.approx(0.5 + 0.8 / 6)
+    assert layout_band(1 / 3) == pytest.approx(-0.9 + 0.8 / 3) and layout_band(0.0) == -1.0
+    assert -0.9 <= layout_band(0.01) < -0.5
+    assert neutral_band(1.0) == pytest.approx(0.4) and neutral_band(0.0) == pytest.approx(-0.4)
+    assert neutral_band(0.5) == 0.0
+
+
+def test_prompt_colours_come_from_the_text():
+    assert prompt_colours(SPATIAL) == ["red", "blue"]
+    nameless = dict(PAIR, prompt="two things")
+    assert prompt_colours(nameless) == ["red", "blue"]  # falls back to the target scene's colours
+
+
+def test_region_proposals_keep_prompt_colours_only():
+    distractor = Subject("u3", "object", "triangle", "green", size="small")
+    image = render_array(scene((RED_CIRCLE, LEFT), (BLUE_SQUARE, RIGHT), (distractor, (12, 2, 21, 11))))
+    regions = propose_regions(image, PAIR)
+    assert sorted(r.colour for r in regions) == ["blue", "red"]
+    by = {r.colour: r.bbox for r in regions}
+    assert by["blue"] == RIGHT  # a square fills its box
+    assert by["red"][0] >= LEFT[0] and by["red"][2] <= LEFT[2]
+    assert len(propose_regions(image, PAIR, max_regions=1)) == 1
+
+
+def test_oracle_perfect_render_scores_full_marks_within_the_bands():
+    g, regions = judge(SPATIAL, render_array(SPATIAL["target"]))
+    assert g.score == 1.0 and "100%" in g.reason
+    assert [r.score for r in regions] == [1.0, 1.0]
+    assert {r.object for r in regions} == {"red circle", "blue square"}
+    g, regions = judge(PAIR, render_array(PAIR["target"]))
+    assert g.score == pytest.approx(0.4) and "neutral" in g.reason  # no stated layout: never above the band
+    assert [r.score for r in regions] == [1.0, 1.0]
+
+
+def test_oracle_swapped_layout_contradicts_a_stated_layout_only():
+    swapped = render_array(scene((RED_CIRCLE, RIGHT), (BLUE_SQUARE, LEFT)))
+    g, regions = judge(SPATIAL, swapped)
+    assert g.score == -1.0
+    assert all(r.score >= 0.5 for r in regions)  # the subjects themselves are fine
+    g, _ = judge(PAIR, swapped)
+    assert g.score == pytest.approx(0.4)  # the pair prompt never asked for sides
+
+
+def test_oracle_missing_subject():
+    only_red = render_array(scene((RED_CIRCLE, LEFT)))
+    g, regions = judge(SPATIAL, only_red)
+    assert g.score == -1.0 and len(regions) == 1
+    g, _ = judge(PAIR, only_red)
+    # found 1/2, counts right for 1 of 2 colours -> quality 0.5 -> the middle of the neutral band
+    assert g.score == pytest.approx(0.0)
+    g, regions = judge(PAIR, render_array(scene()))
+    assert g.score == pytest.approx(-0.4) and regions == []
+
+
+def test_oracle_wrong_shape_is_a_severe_flaw():
+    wrong = render_array(scene((dataclasses.replace(RED_CIRCLE, category="triangle"), LEFT), (BLUE_SQUARE, RIGHT)))
+    g, regions = judge(PAIR, wrong)
+    by = {r.object: r for r in regions}
+    assert -0.9 <= by["red circle"].score <= -0.5 and "triangle" in by["red circle"].reason
+    assert by["blue square"].score == 1.0
+
+
+def test_oracle_extra_copy_is_penalised_and_counts_lower_the_global():
+    extra = (dataclasses.replace(RED_CIRCLE, uid="u9", size="small"), (12, 2, 21, 11))
+    image = render_array(scene((RED_CIRCLE, LEFT), (BLUE_SQUARE, RIGHT), extra))
+    g, regions = judge(PAIR, image)
+    scores = sorted(r.score for r in regions)
+    assert len(regions) == 3 and scores[1:] == [1.0, 1.0]
+    assert -0.9 <= scores[0] <= -0.5 and "extra" in [r for r in regions if r.score < 0][0].reason
+    assert g.score < 0.4  # the red count is wrong
+
+
+def test_record_round_trips_through_the_reward_format_and_builds_the_map(tmp_path):
+    image = render_array(SPATIAL["target"])
+    rec = reward_record(SPATIAL, image, propose_regions(image, SPATIAL), OracleRewardJudge(), {"candidate": 0})
+    assert rec["vlm_rewards"][0] == {"object": "global_layout_reward", "bbox": [0, 0, 32, 32], "score": 1.0,
+                                     "reason": rec["vlm_rewards"][0]["reason"]}
+    back = read_rewards(write_rewards(tmp_path / "r.jsonl", [rec]))
+    assert back[0]["key"] == "p0" and len(back[0]["vlm_rewards"]) == 3
+    rmap = reward_map(back[0]["vlm_rewards"], 32, 32)
+    assert rmap[20, 20] == 1.0  # inside the blue square's box
+    assert rmap[2, 2] == 0.5  # sky: unjudged, neutral; global 1 leaves it as is
+
+
+def test_isolate_blanks_everything_but_the_region():
+    image = render_array(PAIR["target"])
+    out = isolate(image, RIGHT)
+    x0, y0, x1, y1 = RIGHT
+    np.testing.assert_array_equal(out[y0 - 1 : y1 + 1, x0 - 1 : x1 + 1], image[y0 - 1 : y1 + 1, x0 - 1 : x1 + 1])
+    assert not (out[:, :x0 - 1] == (220, 40, 40)).all(axis=-1).any()  # the red circle is gone
+    np.testing.assert_array_equal(out[0, 0], image[0, 0])  # sky stays sky
+
+
+class FakeUnderstanding:
+    """yes_probability stand-in: P(yes) by question, recording what was asked."""
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def __call__(self, model, tokenizer, images, questions):
+        self.asked += list(questions)
+        assert all(im.shape == (32, 32, 3) and im.dtype == np.uint8 for im in images)
+        return np.array([self.answers.get(q, 0.5) for q in questions])
+
+
+def test_self_judge_scores_two_p_minus_one(monkeypatch):
+    fake = FakeUnderstanding({"is there a red circle": 0.9, "is there a blue square": 0.2,
+                              "is the red circle on the left": 1.0, "is the blue square on the right": 0.5})
+    monkeypatch.setattr("model.understand.yes_probability", fake)
+    image = render_array(SPATIAL["target"])
+    regions = propose_regions(image, SPATIAL)
+    g, judged = SelfRewardJudge(model=None, tokenizer=None).judge(SPATIAL, image, regions)
+    by = {r.object: r.score for r in judged}
+    assert by["red circle"] == pytest.approx(0.8) and by["blue square"] == pytest.approx(-0.6)
+    assert g.score == pytest.approx(2 * 0.75 - 1)  # mean P(yes) of the two stated positions
+    assert "is the red circle on the left" in fake.asked
+    g, _ = SelfRewardJudge(None, None).judge(PAIR, image, [])
+    assert g.score == pytest.approx(neutral_band((0.9 + 0.2) / 2))
+
+
+def test_self_judge_with_a_fresh_model_is_neutral():
+    # a fresh model's LM head is zero-initialised: P(yes) = 0.5 for every question -> every score 0
+    import torch
+
+    from model.config import BridgeConfig, ModelConfig
+    from model.modeling import SconeModel
+    from model.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, image_size=32, vit_patch=8, latent_patch=4,
+                      max_text_len=24, bridge=BridgeConfig(early_layer=0, apply_until=1))
+    model = SconeModel.from_model_config(cfg, vocab_size=len(tok))
+    j = make_reward_judge("self", model=model, tokenizer=tok)
+    image = render_array(SPATIAL["target"])
+    g, judged = j.judge(SPATIAL, image, propose_regions(image, SPATIAL))
+    assert g.score == pytest.approx(0.0, abs=1e-6) and [r.score for r in judged] == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+def test_openai_hook_parses_answers():
+    answers = {
+        "layout": "Score: 0.7\nReason: mostly right",
+        "regions": "Region 1\nObject: a red ball\nScore: 0.95\nReason: fine\n---\nRegion 2\nObject: blue box\nScore: -3\n",
+    }
+    seen = []
+
+    def complete(text, image):
+        seen.append(text)
+        return answers["layout" if "composition" in text else "regions"]
+
+    image = render_array(SPATIAL["target"])
+    regions = propose_regions(image, SPATIAL)
+    g, judged = OpenAIRewardJudge(complete).judge(SPATIAL, image, regions)
+    assert g.score == 0.7 and g.reason == "mostly right"
+    assert [r.score for r in judged] == [0.95, -1.0] and judged[0].object == "a red ball"
+    assert SPATIAL["prompt"] in seen[0] and "Region 2: box" in seen[1]
+    assert parse_score("no idea") is None
+    assert [j.score for j in parse_regions("Region 2\nScore: 0.5", 3)] == [0.0, 0.5, 0.0]
+    with pytest.raises(NotImplementedError, match="complete"):
+        make_reward_judge("openai")
+    with pytest.raises(ValueError, match="unknown SRUM judge"):
+        make_reward_judge("gpt")
+
+
+def test_candidate_seeds_differ_across_rounds_and_candidates():
+    seeds = {candidate_seed(0, r, k) for r in range(3) for k in range(4)}
+    assert len(seeds) == 12 and candidate_seed(0, 1, 2) == candidate_seed(0, 1, 2)
+
+
+def test_layout_specified_falls_back_to_the_category():
+    assert srum.layout_specified({"category": "complex"}) and not srum.layout_specified({"category": "numeracy"})
