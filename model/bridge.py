@@ -23,6 +23,13 @@ Conventions of this implementation:
   compare with, so the bridge stays open.
 - Only target query rows receive the bias. A target row whose every reference token is masked still sees the
   text tokens and all target tokens, which are never masked, so its softmax is always defined.
+
+Straight-through bridge formation (our addition for small, scratch-trained models; the forward pass stays Eq. 4).
+The hard mask passes no gradient to s, and a key at -inf gets zero attention and hence zero gradient, so the
+understanding expert cannot learn from the generation loss which reference tokens help. `soft_semantic_bias`
+gives the surrogate log sigmoid((s - tau) / T) with the same layout and conventions; the model adds
+(soft attention - its detached copy) to the hard-masked attention output, so values are exactly those of Eq. 4-5
+while d loss / d s is that of the soft mask (see modeling.SconeModel.velocity_from_context).
 """
 from __future__ import annotations
 
@@ -57,6 +64,11 @@ def resize_relevance(s: torch.Tensor, vit_grid: Grid, latent_grid: Grid) -> torc
     return F.interpolate(img, size=(lh, lw), mode="bilinear", align_corners=False).reshape(b, r, lh * lw)
 
 
+def _bridge_applies(text_valid: torch.Tensor, ref_valid: torch.Tensor) -> torch.Tensor:
+    """[B, R, 1]: valid references of samples that have instruction words (the others stay open)."""
+    return (ref_valid & text_valid.any(1, keepdim=True)).unsqueeze(-1)
+
+
 def semantic_mask(
     vit_states: torch.Tensor,
     text_states: torch.Tensor,
@@ -73,12 +85,38 @@ def semantic_mask(
     """
     s_vit = semantic_relevance(vit_states, text_states, text_valid)
     s_lat = resize_relevance(s_vit, vit_grid, latent_grid)
-    applies = (ref_valid & text_valid.any(1, keepdim=True)).unsqueeze(-1)  # [B, R, 1]
+    applies = _bridge_applies(text_valid, ref_valid)
     neg_inf = torch.tensor(float("-inf"), device=s_vit.device)
     zero = torch.zeros((), device=s_vit.device)
 
     def bias(s: torch.Tensor) -> torch.Tensor:
         return torch.where(applies & ~(s > tau), neg_inf, zero)
+
+    return bias(s_vit), bias(s_lat)
+
+
+def soft_semantic_bias(
+    vit_states: torch.Tensor,
+    text_states: torch.Tensor,
+    text_valid: torch.Tensor,
+    ref_valid: torch.Tensor,
+    vit_grid: Grid,
+    latent_grid: Grid,
+    tau: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable surrogate of `semantic_mask`: log sigmoid((s - tau) / temperature), same shapes and layout.
+
+    As temperature -> 0 it tends to the hard mask (0 above tau, -inf below). Log-sigmoid is linear far below
+    tau, so a fully masked reference still gets a gradient of 1 / temperature per unit of s (no saturation)."""
+    if temperature <= 0:
+        raise ValueError(f"bridge soft temperature must be > 0, got {temperature}")
+    s_vit = semantic_relevance(vit_states, text_states, text_valid)
+    s_lat = resize_relevance(s_vit, vit_grid, latent_grid)
+    applies = _bridge_applies(text_valid, ref_valid)
+
+    def bias(s: torch.Tensor) -> torch.Tensor:
+        return torch.where(applies, F.logsigmoid((s - tau) / temperature), torch.zeros((), device=s.device))
 
     return bias(s_vit), bias(s_lat)
 

@@ -16,7 +16,11 @@ class BridgeConfig(Strict):
 
     early_layer: int = Field(1, ge=0, description="layer whose und.-expert states give the semantic mask")
     apply_until: int = Field(2, ge=0, description="last layer (inclusive) receiving the mask; starts at early_layer+1")
-    tau: float = Field(0.88, ge=-1.0, le=1.0, description="cosine threshold; tokens with s < tau are masked")
+    tau: float = Field(0.88, ge=-1.0, le=1.0, description="cosine threshold; tokens with s <= tau are masked")
+    soft_temperature: float = Field(
+        0.05, gt=0, description="T of the straight-through surrogate log sigmoid((s - tau) / T) (stages with "
+        "bridge_straight_through); the forward pass always uses the exact mask of Eq. 4"
+    )
 
 
 class ModelConfig(Strict):
@@ -73,7 +77,17 @@ class StageConfig(Strict):
     train_understanding: bool = True
     train_generation: bool = True
     bridge: bool = False
+    bridge_straight_through: bool = Field(
+        False, description="with bridge: the generation loss trains the semantic mask through a soft surrogate "
+        "(straight-through; forward = Eq. 4). Bridge formation (stage2_step1) needs it at small scale"
+    )
     und_loss_weight: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _straight_through_needs_bridge(self):
+        if self.bridge_straight_through and not self.bridge:
+            raise ValueError("bridge_straight_through: true needs bridge: true (there is no mask to train otherwise)")
+        return self
 
 
 class TrainConfig(Strict):

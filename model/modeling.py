@@ -45,7 +45,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
-from model.bridge import semantic_mask
+from model.bridge import semantic_mask, soft_semantic_bias
 from model.config import BridgeConfig, ModelConfig
 from model.flow import add_noise, flow_matching_loss, sample_timesteps
 from model.latent import FrozenViT, PatchLatent
@@ -78,6 +78,7 @@ class SconeConfig(PreTrainedConfig):
     bridge_early_layer: int = 1
     bridge_apply_until: int = 2
     bridge_tau: float = 0.88
+    bridge_soft_temperature: float = 0.05
     encoder_seed: int = 0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -91,6 +92,7 @@ class SconeConfig(PreTrainedConfig):
             bridge_early_layer=b.early_layer,
             bridge_apply_until=b.apply_until,
             bridge_tau=b.tau,
+            bridge_soft_temperature=b.soft_temperature,
             **fields,
         )
 
@@ -99,7 +101,7 @@ class SconeConfig(PreTrainedConfig):
         return ModelConfig(
             **{n: getattr(self, n) for n in names},
             bridge=BridgeConfig(early_layer=self.bridge_early_layer, apply_until=self.bridge_apply_until,
-                                tau=self.bridge_tau),
+                                tau=self.bridge_tau, soft_temperature=self.bridge_soft_temperature),
         )
 
 
@@ -255,6 +257,9 @@ class ContextCache:
     values: list[torch.Tensor]
     target_bias: list[torch.Tensor]  # [B, 1, 1, Lc + Lt]: padding (+ bridge) for target queries
     bridge_bias: torch.Tensor | None  # [B, Lc], 0 / -inf, when the bridge is on
+    # straight-through training only: per layer, the soft surrogate's key bias for target queries (None where
+    # the layer is not masked); see velocity_from_context
+    soft_target_bias: list[torch.Tensor | None] | None = None
 
 
 def _neg_inf_where(invalid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -391,14 +396,16 @@ class SconeModel(PreTrainedModel):
         )
         return xu, xg, valid
 
-    def _bridge_bias(self, xu: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Semantic mask from the understanding states after layer early_layer, laid out over context keys."""
+    def _bridge_bias(self, xu: torch.Tensor, batch: dict[str, torch.Tensor], *, soft: bool = False) -> torch.Tensor:
+        """Semantic mask from the understanding states after layer early_layer, laid out over context keys.
+
+        soft=True gives the differentiable surrogate of the straight-through estimator instead of Eq. 4."""
         text_mask, ref_mask = batch["text_mask"].bool(), batch["ref_mask"].bool()
         b, t = text_mask.shape
         r = ref_mask.shape[1]
         instruction = text_mask.clone()
         instruction[:, 0] = False  # [BOS] is no instruction word
-        vit_bias, lat_bias = semantic_mask(
+        args = (
             xu[:, t:].reshape(b, r, self.vit_grid**2, xu.shape[-1]),
             xu[:, :t],
             instruction,
@@ -407,21 +414,30 @@ class SconeModel(PreTrainedModel):
             self.latent_grid,
             self.config.bridge_tau,
         )
+        if soft:
+            vit_bias, lat_bias = soft_semantic_bias(*args, temperature=self.config.bridge_soft_temperature)
+        else:
+            vit_bias, lat_bias = semantic_mask(*args)
         return torch.cat([vit_bias.new_zeros(b, t), vit_bias.flatten(1), lat_bias.flatten(1)], dim=1)
 
     def _bridge_layers(self, bridge: bool) -> range:
         c = self.config
         return range(c.bridge_early_layer + 1, c.bridge_apply_until + 1) if bridge else range(0)
 
-    def encode_context(self, batch: dict[str, torch.Tensor], *, bridge: bool) -> ContextCache:
-        """Run the context through every layer once: per-layer keys/values and the target queries' key bias."""
+    def encode_context(
+        self, batch: dict[str, torch.Tensor], *, bridge: bool, straight_through: bool = False
+    ) -> ContextCache:
+        """Run the context through every layer once: per-layer keys/values and the target queries' key bias.
+
+        straight_through (training, bridge on): also keep the soft surrogate of the mask, so the generation
+        loss reaches the understanding states that produce s (values stay those of the hard mask)."""
         xu, xg, valid = self._embed_context(batch)
         n_u = xu.shape[1]
         pad = _neg_inf_where(~valid, xu.dtype)
         ctx_mask = pad[:, None, None, :]
         n_target = self.latent_grid**2
         target_pad = torch.cat([pad, pad.new_zeros(pad.shape[0], n_target)], dim=1)
-        keys, values, bridge_bias = [], [], None
+        keys, values, bridge_bias, soft_bias = [], [], None, None
         masked_layers = self._bridge_layers(bridge)
         for i, layer in enumerate(self.layers):
             qu, ku, vu = layer.und.qkv_heads(xu)
@@ -434,23 +450,41 @@ class SconeModel(PreTrainedModel):
             values.append(v)
             if bridge and i == self.config.bridge_early_layer:
                 bridge_bias = self._bridge_bias(xu, batch)
+                if straight_through:
+                    soft_bias = self._bridge_bias(xu, batch, soft=True)
         target_bias = []
         for i in range(len(self.layers)):
             bias = target_pad
             if i in masked_layers:
                 bias = bias + F.pad(bridge_bias.to(bias.dtype), (0, n_target))
             target_bias.append(bias[:, None, None, :])
-        return ContextCache(keys, values, target_bias, bridge_bias)
+        soft_target_bias = None
+        if soft_bias is not None:
+            soft_target_bias = [
+                (target_pad + F.pad(soft_bias.to(target_pad.dtype), (0, n_target)))[:, None, None, :]
+                if i in masked_layers else None
+                for i in range(len(self.layers))
+            ]
+        return ContextCache(keys, values, target_bias, bridge_bias, soft_target_bias)
 
     def velocity_from_context(self, ctx: ContextCache, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Velocity for target latents x_t [B, Nl, C] at times t [B]; only the target tokens are computed."""
         if x_t.shape[1] != self.latent_grid**2:
             raise ValueError(f"x_t has {x_t.shape[1]} tokens, the target grid has {self.latent_grid**2}")
         x = self.gen_embed.target(x_t.to(self.dtype), t, self.latent_grid)
-        for layer, k_ctx, v_ctx, bias in zip(self.layers, ctx.keys, ctx.values, ctx.target_bias):
+        soft_biases = ctx.soft_target_bias or [None] * len(self.layers)
+        for layer, k_ctx, v_ctx, bias, soft in zip(self.layers, ctx.keys, ctx.values, ctx.target_bias, soft_biases):
             q, k, v = layer.gen.qkv_heads(x)
             k, v = torch.cat([k_ctx, k], dim=2), torch.cat([v_ctx, v], dim=2)
-            x = layer.gen.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)))
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+            if soft is not None:
+                # Straight-through: value = hard-masked attention (soft - soft is exactly 0); gradient w.r.t. the
+                # bridge = that of the soft mask. q, k, v are detached so they get their gradient once, from the
+                # hard path, and the extra term only trains what produces s.
+                qd, kd, vd = q.detach(), k.detach(), v.detach()
+                soft_attn = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=soft.to(q.dtype))
+                attn = attn + (soft_attn - soft_attn.detach())
+            x = layer.gen.finish(x, attn)
         return self._as_velocity(self.velocity_head(self.gen_norm(x)), x_t, t)
 
     def _as_velocity(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -462,10 +496,12 @@ class SconeModel(PreTrainedModel):
         return (x_t.to(out.dtype) - out) / t
 
     def predict_velocity(
-        self, batch: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, *, bridge: bool
+        self, batch: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, *, bridge: bool,
+        straight_through: bool = False,
     ) -> torch.Tensor:
         """v(x_t, t | references, instruction) for target latents x_t [B, Nl, C] (see encode_latents)."""
-        return self.velocity_from_context(self.encode_context(batch, bridge=bridge), x_t, t)
+        ctx = self.encode_context(batch, bridge=bridge, straight_through=straight_through)
+        return self.velocity_from_context(ctx, x_t, t)
 
     def predict_velocity_dense(
         self, batch: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, *, bridge: bool
@@ -547,10 +583,14 @@ class SconeModel(PreTrainedModel):
         *,
         bridge: bool,
         und_loss_weight: float = 0.1,
+        bridge_straight_through: bool = False,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """loss = flow-matching MSE on the target latents + und_loss_weight * answer cross-entropy (when the
-        batch carries questions). Conditions are dropped for guidance only in train() mode."""
+        batch carries questions). Conditions are dropped for guidance only in train() mode.
+
+        bridge_straight_through (with bridge): gradient of the loss through the semantic mask via its soft
+        surrogate (bridge formation, model.bridge); the loss value is unchanged."""
         if "target_pixels" not in batch:
             raise KeyError("training_loss needs batch['target_pixels']: collate examples that have a target image")
         x0 = self.encode_latents(batch["target_pixels"])
@@ -560,7 +600,8 @@ class SconeModel(PreTrainedModel):
         gen_device = generator.device if generator is not None else torch.device("cpu")
         noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device, x0.dtype)
         cond = self.drop_conditions(batch, generator) if self.training else batch
-        v = self.predict_velocity(cond, add_noise(x0, noise, t), t, bridge=bridge)
+        v = self.predict_velocity(cond, add_noise(x0, noise, t), t, bridge=bridge,
+                                  straight_through=bridge and bridge_straight_through)
         fm_loss = flow_matching_loss(v, x0, noise)
         und_loss = fm_loss.new_zeros(())
         answers = batch.get("qa_answer")
@@ -573,11 +614,13 @@ class SconeModel(PreTrainedModel):
         self,
         bridge: bool = False,
         und_loss_weight: float = 0.1,
+        bridge_straight_through: bool = False,
         generator: torch.Generator | None = None,
         **batch: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """`model(**batch, bridge=...)` is `training_loss` (so DeepSpeed's engine hooks see a forward call)."""
-        return self.training_loss(batch, bridge=bridge, und_loss_weight=und_loss_weight, generator=generator)
+        return self.training_loss(batch, bridge=bridge, und_loss_weight=und_loss_weight,
+                                  bridge_straight_through=bridge_straight_through, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -104,15 +104,18 @@ def resolve_family(spec: str) -> ModelFamily:
 class StageLoss(nn.Module):
     """The stage's loss as the module DeepSpeed wraps, so ZeRO-3 gathers weights around the whole call."""
 
-    def __init__(self, model: nn.Module, *, bridge: bool, und_loss_weight: float):
+    def __init__(self, model: nn.Module, *, bridge: bool, und_loss_weight: float,
+                 bridge_straight_through: bool = False):
         super().__init__()
         self.model = model
         self.bridge = bridge
         self.und_loss_weight = und_loss_weight
+        self.bridge_straight_through = bridge_straight_through
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        extra = {"bridge_straight_through": True} if self.bridge_straight_through else {}  # other families need not know it
         return self.model.training_loss(batch, bridge=self.bridge, und_loss_weight=self.und_loss_weight,
-                                        generator=generator)
+                                        generator=generator, **extra)
 
 
 def apply_freezing(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
@@ -347,7 +350,8 @@ def train_stage(
     )
 
     t_engine = time.perf_counter()
-    eng = ds_engine.build_engine(StageLoss(model, bridge=stage.bridge, und_loss_weight=stage.und_loss_weight),
+    eng = ds_engine.build_engine(StageLoss(model, bridge=stage.bridge, und_loss_weight=stage.und_loss_weight,
+                                           bridge_straight_through=stage.bridge_straight_through),
                                  trainable, train, stage, world_size=world, precision=precision)
     eng.train()  # from_pretrained hands back a model in eval mode (no condition dropout)
     client: dict = {}
