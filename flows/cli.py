@@ -10,6 +10,17 @@ import sys
 from pathlib import Path
 
 
+# `scone bench NAME` -> module whose `run(params, out: Path) -> dict` measures and writes the JSON.
+BENCHMARKS = {
+    "data-build": "data.bench",
+    "judge": "evaluation.bench_judge",
+    "sampling": "evaluation.bench_sampling",
+    "train-throughput": "model.bench_throughput",
+    "ablation-stage2": "evaluation.ablation_stage2",
+    "srum-ablation": "evaluation.ablation_srum",
+}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -66,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the scheduled pipeline deployment locally (Prefect)")
     _common(p)
+
+    p = sub.add_parser("bench", help="benchmarks; each writes its figures as JSON under artifacts/bench/")
+    _common(p)
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("--out", default=None, help="JSON output (default: artifacts/bench/<name>.json)")
 
     return ap
 
@@ -150,6 +166,15 @@ def _dispatch(args) -> int:
         from tasks.report import report_step
 
         print(report_step(params))
+        return 0
+    if cmd == "bench":
+        import importlib
+
+        out = Path(args.out or Path(params.pipeline.artifacts) / "bench" / f"{args.name}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = importlib.import_module(BENCHMARKS[args.name]).run(params, out)
+        print(json.dumps(result, indent=1, default=str)[:6000])
+        print(f"wrote {out}")
         return 0
     if cmd == "serve":
         from flows.deploy import serve

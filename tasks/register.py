@@ -1,7 +1,6 @@
 """Register a checkpoint in MLflow (run + model version with metrics, params, data and code version), then gate it."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -9,16 +8,9 @@ from prefect import task
 
 from tasks.checkpoints import data_dirs, is_srum, stage_of
 from tasks.paths import Paths
+from tasks.stamps import file_md5
 
 TAG_WEIGHTS_MD5 = "checkpoint.weights_md5"
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _already_registered(client, model_name: str, weights_md5: str):
@@ -64,7 +56,7 @@ def register_step(params, name: str) -> dict:
         raise FileNotFoundError(f"{weights} not found: train checkpoint {name!r} first")
     metrics = checkpoint_metrics(params, name)
     tracker = Tracker(params.registry, Path("."))
-    md5 = _md5(weights)
+    md5 = file_md5(weights)
     existing = _already_registered(tracker.client, params.registry.model_name, md5)
     if existing is not None:  # `dvc repro` after the pipeline: same weights, same version
         record = {"name": name, "version": existing.version, "run_id": existing.run_id,

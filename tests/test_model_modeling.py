@@ -187,12 +187,13 @@ def test_tiny_overfit_reduces_flow_matching_loss():
         return float(torch.stack(losses).mean())
 
     start = eval_loss()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    # Stage I's learning rate: the x0 head divides by t, so much larger rates oscillate on 4 examples
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(40):
+    for _ in range(60):
         loss = model.training_loss(batch, bridge=False, generator=g)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     end = eval_loss()
-    assert end < 0.5 * start, (start, end)
+    assert end < 0.4 * start, (start, end)

@@ -106,6 +106,15 @@ def test_every_checkpoint_is_a_registered_version_with_a_gate_decision(clone):
     assert n >= 1
 
 
+def test_a_second_run_reuses_everything(clone):
+    root, env = clone
+    out = _run(["scone", "pipeline"], root, env)
+    log = out.stdout + out.stderr
+    assert "scores up to date" in log and "SRUM round 1: up to date" in log
+    con = sqlite3.connect(root / "artifacts" / "mlflow.db")
+    assert con.execute("select count(*) from model_versions where name='scone-tiny'").fetchone()[0] == 5
+
+
 def test_dvc_is_up_to_date_after_the_pipeline_and_sees_a_data_change(clone):
     root, env = clone
     status = _run(["dvc", "status"], root, env).stdout
