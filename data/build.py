@@ -8,8 +8,14 @@
 - sconeeval_bench: bench_per_task held-out cases per SconeEval task type, SconeEval layout.
 - srum_prompts: compositional text-to-image prompts with their target scene graphs.
 
-Rows failing the structural checks of data.quality are quarantined (listed in <root>/quarantine/<name>.jsonl);
-more than quality.max_quarantine_fraction of them fails the build.
+- mico: MICo-150K's 27 composition types and De&Re over the subject world (data.mico), Scone-S2I layout.
+- mige_edit: MIGE's instruction-based subject addition / replacement with <imagehere> instructions (data.mige).
+
+Rows failing the structural checks of data.quality or the row checks of data.quarantine go to
+<root>/quarantine/<name>.parquet (row + `reason`); more than quality.max_quarantine_fraction of them fails
+the build. Rows are rendered by `data.num_workers` processes; the output is the same for any count.
+With `instruction_writer: openai` the cases are drawn exactly as with templates and their instructions
+are then rewritten by the LLM from the referring phrases alone (data.llm_writer).
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ from tqdm import tqdm
 from data.config import DataConfig
 from data.formats import scone_s2i, sconeeval, srum_prompts
 from data.instructions import get_writer
+from data.parallel import render_rows
 from data.quality import check_case, get_judge
+from data.quarantine import DataQualityError, RowFilter, enforce_threshold, row_key, write_quarantine
 from data.records import TASK_TYPES, Case
 from data.world import DEFECTS, World
 
@@ -32,18 +40,33 @@ REFINED = "scone_single_candidate_refined"
 MULTI = "scone_multi_candidate"
 BENCH = "sconeeval_bench"
 SRUM = "srum_prompts"
-S2I_DATASETS = (BASE, REFINED, MULTI)
-DATASETS = (*S2I_DATASETS, BENCH, SRUM)
+MICO = "mico"
+MIGE = "mige_edit"
+S2I_DATASETS = (BASE, REFINED, MULTI, MICO, MIGE)
+DATASETS = (BASE, REFINED, MULTI, BENCH, SRUM)  # the chain of the Scone recipe (tasks/paths.py DATASETS)
+EXTRA_DATASETS = (MICO, MIGE)  # built on request: MICo-150K and MIGE coverage of the subject world
+ALL_DATASETS = (*DATASETS, *EXTRA_DATASETS)
 MULTI_SUBJECT_SHARE = 0.6  # base rows with 2+ references (the rest: one subject)
 DISTINCTION_TASKS = TASK_TYPES[2:]
 
 
-class DataQualityError(RuntimeError):
-    """Too many generated rows failed the structural checks."""
+__all__ = ["DataQualityError", "build_dataset", "build_all", "ALL_DATASETS", "DATASETS"]
 
 
 def _world(cfg: DataConfig, stream: str, split: str) -> World:
-    return World(cfg.seed, stream, split=split, image_size=cfg.image_size, writer=get_writer(cfg.instruction_writer))
+    # always the template writer while drawing: the cases must not depend on an LLM's answers
+    return World(cfg.seed, stream, split=split, image_size=cfg.image_size, writer=get_writer("template"))
+
+
+def _rewrite_instructions(cases: list[Case], cfg: DataConfig) -> list[Case]:
+    if cfg.instruction_writer == "template":
+        return cases
+    from data.llm_writer import rewrite_cases
+
+    return rewrite_cases(cases, cfg)
+
+
+tqdm.monitor_interval = 0  # no monitor thread: row rendering forks workers only from a single-threaded process
 
 
 def _progress(n: int, name: str):
@@ -104,25 +127,43 @@ def bench_cases(cfg: DataConfig) -> list[Case]:
     ]
 
 
-def _quarantine(cases: list[Case], cfg: DataConfig, name: str) -> tuple[list[Case], int]:
+def _cases_to_rows(cases: list[Case], cfg: DataConfig, name: str) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """Structural checks on the cases, then rendered rows; returns (rows, quarantined (row, reason) pairs)."""
     good, bad = [], []
     for case in cases:
         problems = check_case(case)
-        (bad if problems else good).append(case if not problems else {"key": case.key, "problems": problems})
-    qdir = Path(cfg.root) / "quarantine"
-    qfile = qdir / f"{name}.jsonl"
-    if bad:
-        qdir.mkdir(parents=True, exist_ok=True)
-        qfile.write_text("".join(json.dumps(b, sort_keys=True) + "\n" for b in bad))
-    elif qfile.exists():
-        qfile.unlink()
-    fraction = len(bad) / max(len(cases), 1)
-    if fraction > cfg.quality.max_quarantine_fraction:
-        examples = "\n".join(f"  {b['key']}: {'; '.join(b['problems'])}" for b in bad[:5])
-        raise DataQualityError(
-            f"dataset {name}: {len(bad)} of {len(cases)} rows quarantined ({fraction:.1%} > "
-            f"data.quality.max_quarantine_fraction={cfg.quality.max_quarantine_fraction}); see {qfile}\n{examples}"
-        )
+        if problems:
+            try:
+                row = case.to_row()
+            except Exception:  # a case too broken to render is quarantined by its text fields alone
+                row = {"key": case.key, "instruction": case.instruction, "task_type": case.task_type}
+            bad.append((row, "; ".join(problems)))
+        else:
+            good.append(case)
+    return render_rows(good, cfg.num_workers, cfg.rows_per_row_group), bad
+
+
+def _quarantine(rows: list[dict], bad: list[tuple[dict, str]], cfg: DataConfig, name: str, min_images: int = 2) -> tuple[list[dict], int]:
+    """Row checks on rendered rows; quarantine file and threshold over both kinds of problems."""
+    keep = RowFilter.for_config(cfg, min_images=min_images)
+    good = list(keep(rows))
+    bad = bad + keep.bad
+    write_quarantine(bad, cfg, name)
+    enforce_threshold(len(bad), len(rows) + len(bad) - len(keep.bad), cfg, name, [(row_key(r), why) for r, why in bad])
+    return good, len(bad)
+
+
+def _quarantine_cases(cases: list[Case], cfg: DataConfig, name: str) -> tuple[list[Case], int]:
+    """Structural checks only (benchmark cases are written as PNG files, not rows)."""
+    good, bad = [], []
+    for case in cases:
+        problems = check_case(case)
+        if problems:
+            bad.append(({"key": case.key, "instruction": case.instruction, "task_type": case.task_type}, "; ".join(problems)))
+        else:
+            good.append(case)
+    write_quarantine(bad, cfg, name)
+    enforce_threshold(len(bad), len(cases), cfg, name, [(r["key"], why) for r, why in bad])
     return good, len(bad)
 
 
@@ -144,21 +185,34 @@ def build_dataset(name: str, cfg: DataConfig) -> dict:
     root = Path(cfg.root)
     rows_per_file = cfg.rows_per_row_group * cfg.row_groups_per_file
     if name in S2I_DATASETS:
+        extra: dict = {}
         if name == MULTI:
             cases = multi_candidate_cases(cfg)
+        elif name == MICO:
+            from data.mico import mico_cases, skipped_types
+
+            cases = mico_cases(cfg)
+            extra["skipped_types"] = skipped_types(cfg)
+        elif name == MIGE:
+            from data.mige import mige_cases
+
+            cases = mige_cases(cfg)
         else:
             cases = base_cases(cfg)
-        cases, quarantined = _quarantine(cases, cfg, name)
-        extra: dict = {}
         if name == BASE:
             extra["defects"] = dict(sorted(Counter(c.meta.get("defect") or "none" for c in cases).items()))
         if name == REFINED:
             extra["source_rows"] = len(cases)
-            cases = refined_cases(cfg, cases)
-        files = scone_s2i.write_dataset(cases, root, name, cfg.rows_per_row_group, rows_per_file)
+            cases = refined_cases(cfg, [c for c in cases if not check_case(c)])
+        cases = _rewrite_instructions(cases, cfg)
+        rows, bad = _cases_to_rows(cases, cfg, name)
+        rows, quarantined = _quarantine(rows, bad, cfg, name)
+        kept = {r["key"] for r in rows}
+        cases = [c for c in cases if c.key in kept]
+        files = scone_s2i.write_rows(rows, root, name, cfg.rows_per_row_group, rows_per_file)
         return _summary(name, cases, quarantined, started, files=[str(f) for f in files], **extra)
     if name == BENCH:
-        cases, quarantined = _quarantine(bench_cases(cfg), cfg, name)
+        cases, quarantined = _quarantine_cases(_rewrite_instructions(bench_cases(cfg), cfg), cfg, name)
         path = sconeeval.write_bench(cases, root / BENCH)
         return _summary(name, cases, quarantined, started, files=[str(path)])
     if name == SRUM:
@@ -173,8 +227,8 @@ def build_dataset(name: str, cfg: DataConfig) -> dict:
             "seconds": round(time.perf_counter() - started, 3),
         }
         return summary
-    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    raise ValueError(f"unknown dataset {name!r}; expected one of {ALL_DATASETS}")
 
 
-def build_all(cfg: DataConfig) -> dict[str, dict]:
-    return {name: build_dataset(name, cfg) for name in DATASETS}
+def build_all(cfg: DataConfig, names: tuple[str, ...] = DATASETS) -> dict[str, dict]:
+    return {name: build_dataset(name, cfg) for name in names}

@@ -17,11 +17,27 @@ class DatasetSizes(Strict):
     multi_candidate: int = Field(128, ge=1, description="multi-candidate rows (Stage II)")
     bench_per_task: int = Field(4, ge=1, description="SconeEval-layout held-out cases per task type (6 types)")
     srum_prompts: int = Field(24, ge=1, description="compositional prompts for SRUM rounds")
+    mico: int = Field(54, ge=1, description="MICo-150K-style rows, spread evenly over its composition types and De&Re")
+    mige_edit: int = Field(32, ge=1, description="MIGE-style subject addition / replacement rows (half each)")
 
 
 class QualityConfig(Strict):
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
     refined_keep_score: int = Field(4, ge=0, le=4, description="refined subset keeps rows the judge scores >= this (0-4 scale)")
+
+
+class LLMWriterConfig(Strict):
+    """OpenAI-compatible chat endpoint for `instruction_writer: openai` (Scone step 2 written by an LLM)."""
+
+    model: str = "gpt-4o-mini"
+    base_url: str | None = Field(None, description="endpoint; None reads OPENAI_BASE_URL")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key")
+    max_concurrency: int = Field(4, ge=1, le=64)
+    max_retries: int = Field(4, ge=0, le=20)
+    backoff_s: float = Field(0.5, ge=0.0, description="first retry delay; doubles each retry")
+    timeout_s: float = Field(60.0, gt=0.0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    cache_dir: str | None = Field(None, description="on-disk answer cache; None: <root>/../cache/llm_instructions")
 
 
 class DataConfig(Strict):
@@ -33,7 +49,9 @@ class DataConfig(Strict):
     defect_fraction: float = Field(
         0.25, ge=0.0, le=1.0, description="share of base rows whose target is spoilt like a noisy generated pool"
     )
-    max_references: int = Field(4, ge=1, le=4)
+    max_references: int = Field(4, ge=1, le=5, description="5 lets MICo's five-input types (5O, 1P4C, 1P2C2O) build")
     instruction_writer: Literal["template", "openai"] = "template"
+    num_workers: int = Field(0, ge=0, description="processes rendering rows; 0 = all cores (output is identical for any value)")
+    llm: LLMWriterConfig = LLMWriterConfig()
     sizes: DatasetSizes = DatasetSizes()
     quality: QualityConfig = QualityConfig()

@@ -23,7 +23,9 @@ from data.scene import CHARACTER_CATEGORIES, COLOURS, OBJECT_CATEGORIES, SCENES,
 CUE_KEYS = ("colour", "texture", "size", "position")  # category is always named (it is the noun)
 
 # Slot names of every layout (data.world.LAYOUTS) and how they read.
-REFERENCE_POSITIONS = ("left", "middle", "right", "top left", "top right", "bottom left", "bottom right", "top", "bottom")
+REFERENCE_POSITIONS = (
+    "left", "middle", "right", "top left", "top right", "bottom left", "bottom right", "top", "bottom", "bottom middle"
+)
 TARGET_POSITION_PHRASES = {
     "center": "in the middle",
     "left": "on the left",
@@ -35,6 +37,7 @@ TARGET_POSITION_PHRASES = {
     "bottom right": "at the bottom right",
     "top": "at the top",
     "bottom": "at the bottom",
+    "bottom middle": "at the bottom middle",
 }
 BACKGROUND_PHRASES = {
     "beach": "at the beach",
@@ -43,7 +46,7 @@ BACKGROUND_PHRASES = {
     "night": "at night",
     "snow": "in the snow",
 }
-MAX_IMAGES = 4
+MAX_IMAGES = 5  # MICo's five-input composition types
 MAX_INSTRUCTION_WORDS = 44  # the tiny model reads 48 text tokens; leave room for special tokens
 VERBS = ("place", "put", "show", "draw")
 SOURCE_LINKS = ("from image {k}", "in image {k}", "of image {k}")
@@ -65,6 +68,12 @@ T2I_RELATIONS = {  # SRUM prompts: spatial relation phrase -> (slot of the first
 T2I_COMPANIONS = ("next to", "near", "with")  # non-spatial pairing words; the layout is not specified by them
 STYLE_CHOICES = len(VERBS) * len(SOURCE_LINKS) * len(INSTRUCTION_TEMPLATES) * len(SCENE_LINKS)
 T2I_TEMPLATES = ("{subjects} {background}", "a picture of {subjects} {background}")
+# MIGE multimodal instructions: each placeholder stands for the next input image, in order.
+IMAGE_PLACEHOLDER = "<imagehere>"
+EDIT_TEMPLATES = {
+    "addition": "add <imagehere> {position} of <imagehere>",  # subject, then the source scene
+    "replacement": "replace {phrase} in <imagehere> with <imagehere>",  # source scene, then the subject
+}
 
 
 @dataclass(frozen=True)
@@ -249,10 +258,13 @@ def fit_style(plan: InstructionPlan, writer: Writer, limit: int = MAX_INSTRUCTIO
 
 
 def get_writer(kind: str) -> Writer:
+    """The plan-to-text writer used while drawing cases. The LLM writer (`openai`) needs an endpoint and a
+    cache: data.llm_writer.OpenAIWriter, applied after drawing by data.build."""
     if kind == "template":
         return TemplateWriter()
     raise ValueError(
-        f"instruction writer {kind!r} is not available in this build; set data.instruction_writer=template"
+        f"instruction writer {kind!r} is not a drawing writer; use data.llm_writer.OpenAIWriter for 'openai', "
+        "or set data.instruction_writer=template"
     )
 
 
@@ -287,6 +299,15 @@ def t2i_prompt(subjects_text: str, background: str, style: int = 0) -> str:
     )
 
 
+def edit_instruction(edit_type: str, *, slot: str | None = None, phrase: str | None = None) -> str:
+    """MIGE-style multimodal instruction: 'add <imagehere> on the left of <imagehere>'."""
+    if edit_type == "addition":
+        return EDIT_TEMPLATES["addition"].format(position=TARGET_POSITION_PHRASES[slot])
+    if edit_type == "replacement":
+        return EDIT_TEMPLATES["replacement"].format(phrase=phrase)
+    raise ValueError(f"unknown edit type {edit_type!r}; expected one of {tuple(EDIT_TEMPLATES)}")
+
+
 def _words(*texts: str) -> set[str]:
     out: set[str] = set()
     for t in texts:
@@ -308,6 +329,7 @@ def _vocabulary() -> list[str]:
         *T2I_RELATIONS,
         *T2I_COMPANIONS,
         *T2I_TEMPLATES,
+        *EDIT_TEMPLATES.values(),
         *OBJECT_CATEGORIES,
         *CHARACTER_CATEGORIES,
         *COLOURS,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from data.instructions import InstructionPlan, cues_match, referring_phrase
-from data.records import TASK_TYPES, Case
+from data.records import ALL_TASK_TYPES, Case
 from data.render import visible_fraction
 from data.world import slot_bbox, slot_of
 
@@ -21,7 +21,7 @@ MIN_VISIBLE_FRACTION = 0.5  # a candidate hidden more than this cannot be identi
 def check_case(case: Case) -> list[str]:
     """Problems that make a row unusable (empty list = fine). Rows with problems are quarantined."""
     problems: list[str] = []
-    if case.task_type not in TASK_TYPES:
+    if case.task_type not in ALL_TASK_TYPES:
         problems.append(f"unknown task_type {case.task_type!r}")
     if not case.instruction or not case.instruction.strip():
         problems.append("empty instruction")
@@ -31,7 +31,10 @@ def check_case(case: Case) -> list[str]:
             f"and {len(case.subject_label)} label lists"
         )
         return problems
+    source = case.meta.get("source_image")  # an edit's source scene is a canvas, not a pool of candidates
     for i, (ref, phrases, labels) in enumerate(zip(case.references, case.subject_list, case.subject_label)):
+        if i == source:
+            continue
         if len(phrases) != len(ref.placements) or len(labels) != len(ref.placements):
             problems.append(f"reference {i + 1}: {len(ref.placements)} candidates, {len(phrases)} phrases, {len(labels)} labels")
             continue

@@ -17,6 +17,21 @@ TASK_TYPES = (
     "distinction_composition_intra",
 )
 
+# MICo-150K's seven sub-tasks (its Table 1) and its Decompose-and-Recompose track.
+MICO_TASK_TYPES = (
+    "object_scene",
+    "object_object",
+    "person_person",
+    "person_scene",
+    "person_object",
+    "person_clothes",
+    "person_object_clothes",
+    "decompose_recompose",
+)
+# MIGE's instruction-based subject-driven editing sub-tasks.
+MIGE_TASK_TYPES = ("subject_addition", "subject_replacement")
+ALL_TASK_TYPES = (*TASK_TYPES, *MICO_TASK_TYPES, *MIGE_TASK_TYPES)
+
 # Columns of a training shard (Scone-S2I-57K layout plus our metadata columns).
 ROW_COLUMNS = (
     "image",
@@ -53,8 +68,8 @@ class Case:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.task_type not in TASK_TYPES:
-            raise ValueError(f"case {self.key}: unknown task_type {self.task_type!r}; expected one of {TASK_TYPES}")
+        if self.task_type not in ALL_TASK_TYPES:
+            raise ValueError(f"case {self.key}: unknown task_type {self.task_type!r}; expected one of {ALL_TASK_TYPES}")
         self.qa = [tuple(pair) for pair in self.qa]
 
     def scene_graph(self) -> dict:

@@ -21,15 +21,20 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from data.build import BENCH, S2I_DATASETS, SRUM
+from data.build import BENCH, MICO, MIGE, S2I_DATASETS, SRUM
 from data.config import DataConfig
 from data.formats import scone_s2i
-from data.records import ROW_COLUMNS, TASK_TYPES
+from data.records import MICO_TASK_TYPES, MIGE_TASK_TYPES, ROW_COLUMNS, TASK_TYPES
 from data.scene import Scene
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no usage statistics calls from CI or laptops
 
 BENCH_COLUMNS = ("key", "task_type", "case_type", "instruction", "input_images", "subject_list", "subject_label")
+# What every dataset of a layout must have; the other columns are checked when present (imported data
+# such as the released Scone-S2I-57K shards carry only these).
+S2I_BASE_COLUMNS = ("image", "instruction")
+BENCH_BASE_COLUMNS = ("instruction", "input_images")
+TASK_TYPES_OF = {MICO: MICO_TASK_TYPES, MIGE: MIGE_TASK_TYPES}
 SRUM_COLUMNS = ("key", "category", "prompt", "target")
 MAX_EXAMPLES = 5
 
@@ -62,20 +67,20 @@ def validation_dir(cfg: DataConfig) -> Path:
 # ------------------------------------------------------------------ derived per-row facts
 
 
-def _image_problem(data, image_size: int) -> str:
-    """'' when `data` (PNG bytes or a path) decodes to an RGB image_size x image_size image."""
+def _image_problem(data, image_size: int | None) -> str:
+    """'' when `data` (PNG bytes or a path) decodes to an RGB image_size x image_size image (None: decodes at all)."""
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
         img.load()
     except Exception as e:  # any decoder failure is the finding itself
         reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
         return f"does not decode ({type(e).__name__}: {reason})"
-    if img.mode != "RGB" or img.size != (image_size, image_size):
+    if image_size is not None and (img.mode != "RGB" or img.size != (image_size, image_size)):
         return f"is {img.size[0]}x{img.size[1]} {img.mode}, expected {image_size}x{image_size} RGB"
     return ""
 
 
-def _images_problem(images, image_size: int) -> str:
+def _images_problem(images, image_size: int | None) -> str:
     if images is None or isinstance(images, float):
         return "no images"
     problems = [f"image {i + 1} {p}" for i, data in enumerate(images) if (p := _image_problem(data, image_size))]
@@ -131,13 +136,14 @@ def _add_flag(df: pd.DataFrame, name: str, problems: pd.Series) -> None:
     df[name] = problems == ""
 
 
-def _s2i_suite(df: pd.DataFrame, cfg: DataConfig) -> Suite:
+def _s2i_suite(df: pd.DataFrame, cfg: DataConfig, required=ROW_COLUMNS, task_types=TASK_TYPES, strict_size: bool = True) -> Suite:
     gx, _ = _gx()
     E = gx.expectations
     exp, details = [], {}
     if "image" in df:
         df["n_images"] = df["image"].map(lambda x: 0 if x is None else len(x))
-        _add_flag(df, "images_ok", df["image"].map(lambda x: _images_problem(x, cfg.image_size)))
+        size = cfg.image_size if strict_size else None
+        _add_flag(df, "images_ok", df["image"].map(lambda x: _images_problem(x, size)))
         exp += [
             E.ExpectColumnValuesToBeBetween(column="n_images", min_value=2, max_value=cfg.max_references + 1),
             E.ExpectColumnValuesToBeInSet(column="images_ok", value_set=[True]),
@@ -150,17 +156,18 @@ def _s2i_suite(df: pd.DataFrame, cfg: DataConfig) -> Suite:
     for col in ("scene_graph", "qa", "meta"):
         if col in df:
             exp.append(E.ExpectColumnValuesToBeJsonParseable(column=col))
-    return Suite("scone_s2i", df, ROW_COLUMNS, exp + _common(df, E), details)
+    return Suite("scone_s2i", df, tuple(required), exp + _common(df, E, task_types), details)
 
 
-def _bench_suite(df: pd.DataFrame, cfg: DataConfig, bench_dir: Path) -> Suite:
+def _bench_suite(df: pd.DataFrame, cfg: DataConfig, bench_dir: Path, required=BENCH_COLUMNS, all_tasks: bool = True, strict_size: bool = True) -> Suite:
     gx, _ = _gx()
     E = gx.expectations
     exp, details = [], {}
     if "input_images" in df:
         df["n_images"] = df["input_images"].map(lambda x: len(x) if isinstance(x, list) else 0)
         paths = df["input_images"].map(lambda x: [bench_dir / p for p in x] if isinstance(x, list) else None)
-        _add_flag(df, "images_ok", paths.map(lambda x: _images_problem(x, cfg.image_size)))
+        size = cfg.image_size if strict_size else None
+        _add_flag(df, "images_ok", paths.map(lambda x: _images_problem(x, size)))
         exp += [
             E.ExpectColumnValuesToBeBetween(column="n_images", min_value=1, max_value=cfg.max_references),
             E.ExpectColumnValuesToBeInSet(column="images_ok", value_set=[True]),
@@ -170,9 +177,9 @@ def _bench_suite(df: pd.DataFrame, cfg: DataConfig, bench_dir: Path) -> Suite:
         _add_flag(df, "labels_ok", pd.Series([_labels_problem(a, b) for a, b in zip(df["subject_list"], df["subject_label"])], index=df.index))
         exp.append(E.ExpectColumnValuesToBeInSet(column="labels_ok", value_set=[True]))
         details["labels_ok"] = "labels_ok_problem"
-    if "task_type" in df:  # the benchmark covers all six SconeEval sub-tasks
+    if "task_type" in df and all_tasks:  # the built benchmark covers all six SconeEval sub-tasks
         exp.append(E.ExpectColumnDistinctValuesToContainSet(column="task_type", value_set=list(TASK_TYPES)))
-    return Suite("sconeeval", df, BENCH_COLUMNS, exp + _common(df, E), details)
+    return Suite("sconeeval", df, tuple(required), exp + _common(df, E), details)
 
 
 def _srum_suite(df: pd.DataFrame, cfg: DataConfig) -> Suite:
@@ -197,7 +204,7 @@ def _srum_suite(df: pd.DataFrame, cfg: DataConfig) -> Suite:
     return Suite("srum_prompts", df, SRUM_COLUMNS, exp, details)
 
 
-def _common(df: pd.DataFrame, E) -> list:
+def _common(df: pd.DataFrame, E, task_types=TASK_TYPES) -> list:
     exp = []
     if "instruction" in df:
         exp += [
@@ -207,7 +214,7 @@ def _common(df: pd.DataFrame, E) -> list:
     if "key" in df:
         exp.append(E.ExpectColumnValuesToBeUnique(column="key"))
     if "task_type" in df:
-        exp.append(E.ExpectColumnValuesToBeInSet(column="task_type", value_set=list(TASK_TYPES)))
+        exp.append(E.ExpectColumnValuesToBeInSet(column="task_type", value_set=list(task_types)))
     return exp
 
 
@@ -219,14 +226,26 @@ def _read_jsonl_frame(path: Path) -> pd.DataFrame:
 
 
 def _suite_for(name: str, cfg: DataConfig) -> Suite:
+    """Built datasets get their full suite; any other name is validated by the layout found on disk
+    (an imported Scone-S2I or SconeEval directory) with that layout's base suite."""
     root = Path(cfg.root)
     if name in S2I_DATASETS:
-        return _s2i_suite(pd.DataFrame(list(scone_s2i.iter_rows(root, name))), cfg)
+        return _s2i_suite(pd.DataFrame(list(scone_s2i.iter_rows(root, name))), cfg, task_types=TASK_TYPES_OF.get(name, TASK_TYPES))
     if name == BENCH:
         return _bench_suite(_read_jsonl_frame(root / BENCH / "data.jsonl"), cfg, root / BENCH)
     if name == SRUM:
         return _srum_suite(_read_jsonl_frame(root / SRUM / "prompts.jsonl"), cfg)
-    raise ValueError(f"no validation suite for dataset {name!r}; expected one of {(*S2I_DATASETS, BENCH, SRUM)}")
+    if scone_s2i.info_path(root, name).exists():
+        from data.records import ALL_TASK_TYPES
+
+        df = pd.DataFrame(list(scone_s2i.iter_rows(root, name)))
+        return _s2i_suite(df, cfg, required=S2I_BASE_COLUMNS, task_types=ALL_TASK_TYPES, strict_size=False)
+    if (root / name / "data.jsonl").exists():
+        return _bench_suite(_read_jsonl_frame(root / name / "data.jsonl"), cfg, root / name, required=BENCH_BASE_COLUMNS, all_tasks=False, strict_size=False)
+    raise FileNotFoundError(
+        f"dataset {name!r} not found under {root}: neither a built dataset ({(*S2I_DATASETS, BENCH, SRUM)}) nor an "
+        f"imported one (parquet_info/{name}.json or {name}/data.jsonl); build or import it first"
+    )
 
 
 # ------------------------------------------------------------------ running and reporting

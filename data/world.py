@@ -38,8 +38,16 @@ LAYOUTS: dict[str, dict[str, tuple[float, float]]] = {
     "triple": {"left": (1 / 6, 0.6), "middle": (0.5, 0.6), "right": (5 / 6, 0.6)},
     "grid": {"top left": (0.27, 0.3), "top right": (0.73, 0.3), "bottom left": (0.27, 0.74), "bottom right": (0.73, 0.74)},
     "column": {"top": (0.5, 0.3), "bottom": (0.5, 0.74)},
+    # five subjects (MICo's 5O, 1P4C, 1P2C2O): two on top, three on a lower ground line
+    "five": {
+        "top left": (0.27, 0.3),
+        "top right": (0.73, 0.3),
+        "bottom left": (1 / 6, 0.78),
+        "bottom middle": (0.5, 0.78),
+        "bottom right": (5 / 6, 0.78),
+    },
 }
-ROW_LAYOUT = {1: "single", 2: "pair", 3: "triple", 4: "grid"}  # layout used for n subjects in one image
+ROW_LAYOUT = {1: "single", 2: "pair", 3: "triple", 4: "grid", 5: "five"}  # layout used for n subjects in one image
 MAX_SUBJECTS_PER_CASE = len(COLOURS)  # subjects of one case never share a colour (the oracle tells them apart by it)
 CHARACTER_SHARE = 0.4
 SCENE_REFERENCE_SHARE = 0.35

@@ -16,11 +16,18 @@ class SamplingConfig(Strict):
 
 
 class OpenAIJudgeConfig(Strict):
+    """The `openai` judge (evaluation.judges.openai); the API key comes from OPENAI_API_KEY."""
+
     model: str = "gpt-4.1"
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint; OPENAI_BASE_URL overrides when null")
-    concurrency: int = Field(16, ge=1)
-    max_retries: int = Field(5, ge=0)
+    concurrency: int = Field(16, ge=1, description="requests in flight at once")
+    max_retries: int = Field(5, ge=0, description="retries of a request (429, 5xx, timeout, malformed answer) before failing")
     timeout_s: float = Field(60.0, gt=0)
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry, jittered; Retry-After wins when longer")
+    backoff_max_s: float = Field(30.0, ge=0, description="cap of the exponential retry delay")
+    temperature: float | None = Field(None, ge=0, le=2, description="null: the endpoint's default (repeated scorings sample the judge)")
+    image_size: int = Field(256, ge=0, description="side the images are sent at (nearest-neighbour upscaling of the tiny renders); 0: as they are")
+    cache: bool = Field(True, description="answers are cached on disk under cache_dir")
     cache_dir: str = "artifacts/cache/judge"
     price_per_1k_input: float = 0.002
     price_per_1k_output: float = 0.008

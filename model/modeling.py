@@ -96,6 +96,22 @@ class SconeConfig(PreTrainedConfig):
             **fields,
         )
 
+    # Fields that fix parameter shapes or the meaning of the weights: a checkpoint keeps them for life.
+    ARCHITECTURE_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_ratio", "image_size", "vit_patch",
+                           "latent_patch", "max_text_len", "max_references", "prediction", "encoder_seed")
+
+    def with_runtime_settings(self, cfg: ModelConfig) -> "SconeConfig":
+        """This config with params' non-architectural settings (bridge tau/layers/temperature, guidance dropout,
+        timestep sampling) so a stage continuing from a checkpoint follows params.yaml; architecture must match."""
+        new = SconeConfig.from_model_config(cfg, self.vocab_size)
+        new.encoder_seed = self.encoder_seed
+        diff = [f"{f}: checkpoint {getattr(self, f)!r} vs params {getattr(new, f)!r}"
+                for f in self.ARCHITECTURE_FIELDS if getattr(self, f) != getattr(new, f)]
+        if diff:
+            raise ValueError("params.yaml model section does not match the checkpoint's architecture ("
+                             + "; ".join(diff) + "): start from scratch or restore the checkpoint's values")
+        return new
+
     def to_model_config(self) -> ModelConfig:
         names = set(ModelConfig.model_fields) - {"name", "bridge"}
         return ModelConfig(

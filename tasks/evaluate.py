@@ -39,4 +39,4 @@ def evaluate_step(params, name: str) -> dict:
     return {"name": name, "sconeeval": summary.get("average"), "t2i": t2i.get("mean")}
 
 
-evaluate_task = task(evaluate_step, name="evaluate", task_run_name="evaluate-{name}")
+evaluate_task = task(evaluate_step, name="evaluate", task_run_name="evaluate-{name}", retries=1, retry_delay_seconds=10)

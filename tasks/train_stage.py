@@ -32,4 +32,6 @@ def train_step(params, stage_name: str) -> dict:
         return run()
 
 
-train_stage_task = task(train_step, name="train_stage", task_run_name="train-{stage_name}")
+# A retry resumes from the last DeepSpeed checkpoint of the stage (ds_state/), with the same data order.
+train_stage_task = task(train_step, name="train_stage", task_run_name="train-{stage_name}", retries=1,
+                        retry_delay_seconds=5)

@@ -104,8 +104,11 @@ def test_too_many_quarantined_rows_stop_the_build(tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path)
     with pytest.raises(DataQualityError, match=r"8 of 40 rows quarantined .*max_quarantine_fraction=0.05"):
         build_dataset(BASE, cfg)
-    lines = (tmp_path / "quarantine" / f"{BASE}.jsonl").read_text().splitlines()
-    assert len(lines) == 8 and json.loads(lines[0])["problems"] == ["candidate hidden"]
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "quarantine" / f"{BASE}.parquet").to_pylist()
+    assert len(rows) == 8 and rows[0]["reason"] == "candidate hidden"
+    assert all(r["key"].endswith(("1", "2")) and len(r["image"]) >= 2 for r in rows)
 
 
 def test_unknown_dataset_is_named(tmp_path):

@@ -45,8 +45,12 @@ def _chunks(items: Iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
-def write_rows(rows: Iterable[dict], root: str | Path, name: str, rows_per_row_group: int, rows_per_file: int | None = None) -> list[Path]:
-    """Write row dicts (see `Case.to_row`) as shards; replaces any previous shards of `name`."""
+def write_rows(
+    rows: Iterable[dict], root: str | Path, name: str, rows_per_row_group: int, rows_per_file: int | None = None, schema: pa.Schema = SCHEMA
+) -> list[Path]:
+    """Write row dicts (see `Case.to_row`) as shards; replaces any previous shards of `name`.
+
+    `schema` is ours by default; imported data keeps the schema it came with."""
     if rows_per_row_group < 1:
         raise ValueError(f"rows_per_row_group must be >= 1, got {rows_per_row_group}")
     rows_per_file = rows_per_file or rows_per_row_group * ROW_GROUPS_PER_FILE
@@ -62,9 +66,9 @@ def write_rows(rows: Iterable[dict], root: str | Path, name: str, rows_per_row_g
     for file_index, file_rows in enumerate(_chunks(rows, rows_per_file)):
         path = out_dir / f"part-{file_index:05d}.parquet"
         groups = 0
-        with pq.ParquetWriter(path, SCHEMA) as writer:
+        with pq.ParquetWriter(path, schema) as writer:
             for group in _chunks(file_rows, rows_per_row_group):
-                writer.write_table(pa.Table.from_pylist(group, schema=SCHEMA), row_group_size=len(group))
+                writer.write_table(pa.Table.from_pylist(group, schema=schema), row_group_size=len(group))
                 groups += 1
         info[path.relative_to(root).as_posix()] = {"num_row_groups": groups}
         paths.append(path)

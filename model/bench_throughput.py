@@ -1,0 +1,129 @@
+"""`scone bench train-throughput`: training-step speed and achieved FLOP/s against this machine's matmul peak.
+
+One process, one DeepSpeed rank, the params.yaml model and micro batch, real batches from the built datasets.
+Measured in the same run: the fp32 (or bf16 on GPU) matmul peak, the FLOPs of one training step counted by
+torch's FlopCounterMode (forward + backward), and the wall time of optimizer steps with the bridge off and on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from model import engine as ds_engine
+from model.batching import collate, examples_from_rows
+from model.modeling import SconeModel
+from model.tokenizer import build_tokenizer
+from model.train import StageLoss, apply_freezing
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 1024, repeats: int = 20) -> float:
+    """Best-of achieved FLOP/s of a square matmul: the machine's practical peak for this dtype."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def step_flops(loss_module: torch.nn.Module, batch: dict) -> int:
+    """FLOPs of one forward + backward pass, counted operator by operator."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_module(batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    loss_module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def _batches(params, tokenizer, n: int) -> list[dict]:
+    from data.formats.scone_s2i import iter_rows
+
+    rows = []
+    for name in ("scone_multi_candidate", "scone_single_candidate_refined"):
+        rows += list(iter_rows(params.data.root, name))
+    if not rows:
+        raise FileNotFoundError(f"no training rows under {params.data.root}: run `scone data build all` first")
+    mb = params.train.micro_batch
+    return [collate(examples_from_rows([rows[(i * mb + j) % len(rows)] for j in range(mb)]), tokenizer, params.model)
+            for i in range(n)]
+
+
+def _time_steps(eng, batches: list[dict], warmup: int) -> list[float]:
+    times = []
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        out = eng(batch, generator=torch.Generator().manual_seed(i))
+        eng.backward(out["loss"])
+        eng.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run(params, out: Path, steps: int = 20, warmup: int = 3) -> dict:
+    rank, world = ds_engine.init_distributed()
+    precision = ds_engine.resolve_precision(params.train.precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    device = torch.device(ds_engine.accelerator().device_name(), ds_engine.accelerator().current_device()) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    tokenizer = build_tokenizer()
+    batches = _batches(params, tokenizer, steps + warmup)
+    stage = params.train.stages["stage2_step2"]  # both experts trained: the most expensive recipe
+    peak = matmul_peak_flops(dtype, device)
+    results = {}
+    for bridge in (False, True):
+        torch.manual_seed(params.train.seed)
+        model = SconeModel.from_model_config(params.model, len(tokenizer))
+        trainable = apply_freezing(model, stage)
+        loss_module = StageLoss(model, bridge=bridge, und_loss_weight=stage.und_loss_weight)
+        flops = step_flops(loss_module, batches[0])
+        eng = ds_engine.build_engine(loss_module, trainable, params.train, stage, world_size=world,
+                                     precision=precision)
+        dev_batches = [{k: v.to(eng.device) for k, v in b.items()} for b in batches]
+        times = _time_steps(eng, dev_batches, warmup)
+        step_s = statistics.median(times)
+        results["bridge_on" if bridge else "bridge_off"] = {
+            "step_s_median": round(step_s, 5),
+            "step_s_min": round(min(times), 5),
+            "samples_per_s": round(params.train.micro_batch / step_s, 2),
+            "flops_per_step": flops,
+            "achieved_flops_per_s": round(flops / step_s),
+            "mfu": round(flops / step_s / peak, 4),
+        }
+        del eng
+    off, on = results["bridge_off"], results["bridge_on"]
+    report = {
+        "benchmark": "train-throughput",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "precision": precision,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "model": params.model.model_dump(),
+        "micro_batch": params.train.micro_batch,
+        "zero_stage": params.train.zero_stage,
+        "measured_steps": steps,
+        "matmul_peak_flops_per_s": round(peak),
+        **results,
+        "bridge_step_overhead": round(on["step_s_median"] / off["step_s_median"] - 1, 4),
+    }
+    Path(out).write_text(json.dumps(report, indent=1))
+    return report
