@@ -188,7 +188,7 @@ def _report(samples, modes, reference_counts, cases, tokens: dict[str, int]) -> 
                 "context_tokens": tokens[str(n)],
                 "per_case_ms": round(1000 * total / cases, 3),
                 "per_case_ms_min": round(1000 * min(r["total"] for r in runs) / cases, 3),
-                "batch_s": round(total, 4),
+                "batch_s": round(total, 5),
                 "share_encode_context": round(phase["encode_context"] / total, 3),
                 "share_steps": round(phase[step_fn] / total, 3),
                 "share_other": round(max(0.0, 1 - (phase["encode_context"] + phase[step_fn]) / total), 3),

@@ -147,6 +147,9 @@ def evaluate_checkpoint(
         sample_images=samples,
         timings={k: round(v, 3) for k, v in timings.items()},
     )
+    if hasattr(judge, "usage"):  # tokens and cost of an API judge, per checkpoint
+        summary["judge_usage"] = judge.usage()
+        judge.write_usage(model_dir / "judge_usage.json")
     (model_dir / "summary.json").write_text(summary_json(summary))
     (model_dir / "table3.md").write_text(format_table3(summary, with_std=True) + "\n")
     return summary
@@ -204,6 +207,13 @@ def evaluate_checkpoint_dir(
     from evaluation.judges import make_judge
 
     cases = read_bench(bench_dir)
-    judge = judge or make_judge(eval_cfg.judge, eval_cfg)
+    own = judge is None
+    if own:  # the self judge is the checkpoint's own understanding expert
+        extra = {"checkpoint_dir": ckpt_dir} if eval_cfg.judge == "self" else {}
+        judge = make_judge(eval_cfg.judge, eval_cfg, **extra)
     generate_fn = generate_fn_from_checkpoint(ckpt_dir, eval_cfg.sampling, bridge)
-    return evaluate_checkpoint(generate_fn, cases, out_dir, model_name or Path(ckpt_dir).name, eval_cfg, judge)
+    try:
+        return evaluate_checkpoint(generate_fn, cases, out_dir, model_name or Path(ckpt_dir).name, eval_cfg, judge)
+    finally:
+        if own and hasattr(judge, "close"):
+            judge.close()

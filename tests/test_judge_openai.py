@@ -121,14 +121,14 @@ def test_non_retryable_status_fails_at_once(server, tmp_path):
 
 
 def test_timeout_is_retried_and_persistent_timeouts_fail(server, tmp_path):
-    server.configure(stall=1, stall_s=1.0)
+    server.configure(stall=1, stall_s=2.0)
     case = multi_case()
     image = render_array(case.target)
-    with make(server, tmp_path, timeout_s=0.2, max_retries=1) as judge:
+    with make(server, tmp_path, timeout_s=0.5, max_retries=1) as judge:
         present, _ = judge.presence(case, 0, "the person", image)
         assert judge.usage()["retries"] == 1 and server.stats()["requests"] == 2
-        server.configure(stall=10, stall_s=1.0)
-        with pytest.raises(JudgeRequestError, match=r"case m1: .*2 attempts; last error: timed out after 0.2 s"):
+        server.configure(stall=10, stall_s=2.0)
+        with pytest.raises(JudgeRequestError, match=r"case m1: .*2 attempts; last error: timed out after 0.5 s"):
             judge.presence(case, 1, "the square", image)
 
 

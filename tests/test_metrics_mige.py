@@ -30,7 +30,7 @@ def tiny_clip_dir(root):
     merges = ["r e", "re d</w>", "c a", "ca t</w>"]
     for m in merges:
         vocab.setdefault(m.replace(" ", ""), len(vocab))
-    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges])
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -167,6 +167,9 @@ def test_padding_does_not_change_a_text_embedding(metrics):
     alone = metrics.clip.text_embeddings(["cat"])
     padded = metrics.clip.text_embeddings(["cat", "a red cat on a red mat"])
     assert torch.allclose(alone[0], padded[0], atol=1e-5)
+    tokens = metrics.clip.tokenizer.convert_ids_to_tokens(metrics.clip.tokenizer("a red cat")["input_ids"])
+    assert tokens == ["<|startoftext|>", "a</w>", "red</w>", "cat</w>", "<|endoftext|>"]  # the BPE merges apply
+    assert not torch.allclose(alone[0], metrics.clip.text_embeddings(["red"])[0], atol=1e-3)
 
 
 def test_only_pixel_metrics_without_encoders():
