@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = data.add_parser(action)
         _common(p)
         p.add_argument("name", help="dataset name, or 'all'")
+    p = data.add_parser("import", help="register a downloaded Scone-S2I-57K / SconeEval directory as a dataset")
+    _common(p)
+    p.add_argument("--kind", required=True, choices=["scone-s2i", "sconeeval"])
+    p.add_argument("--name", default=None, help="dataset name (default: every dataset in the folder)")
+    p.add_argument("--no-dvc", action="store_true", help="copy without `dvc add` (the raw copy is then untracked)")
+    p.add_argument("path")
 
     p = sub.add_parser("train", help="train one stage (DeepSpeed; num_ranks from params)")
     _common(p)
@@ -126,6 +132,12 @@ def _dispatch(args) -> int:
         from flows.pipeline import scone_pipeline
 
         scone_pipeline(params_path=args.params, overrides=args.overrides, dvc_commit=not args.no_dvc_commit)
+        return 0
+    if cmd == "data" and args.action == "import":
+        from tasks.datasets import import_step
+
+        print(json.dumps(import_step(params, args.kind, args.path, args.name, track=not args.no_dvc), indent=1,
+                         default=str))
         return 0
     if cmd == "data":
         from tasks import datasets

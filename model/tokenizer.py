@@ -1,7 +1,7 @@
 """Word-level tokenizer over the subject world's vocabulary.
 
 The tiny model learns its text embeddings from scratch, so a closed word vocabulary (lower-cased, split on
-whitespace and punctuation) is all it needs; unknown words map to [UNK] instead of failing. Ids are a pure
+whitespace and punctuation, `<imagehere>` kept whole) is all it needs; unknown words map to [UNK] instead of failing. Ids are a pure
 function of the vocabulary: special tokens first, then the sorted set of words.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
@@ -19,8 +19,16 @@ SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
 BASE_WORDS = ("yes", "no", *"0123456789", ".", ",", "?", "!", "'", ":", ";", "-")
 
 
+# Words and punctuation runs, as the Whitespace pre-tokenizer, but MIGE's `<imagehere>` placeholder stays one token.
+WORD_PATTERN = r"<imagehere>|\w+|[^\w\s]+"
+
+
+def _pre_tokenizer():
+    return pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed", invert=True)
+
+
 def _words(entries: Iterable[str]) -> set[str]:
-    split = pre_tokenizers.Whitespace()
+    split = _pre_tokenizer()
     return {piece.lower() for entry in entries for piece, _ in split.pre_tokenize_str(str(entry))}
 
 
@@ -37,7 +45,7 @@ def build_tokenizer(vocabulary: Iterable[str] | None = None) -> PreTrainedTokeni
         vocab.setdefault(w, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.pre_tokenizer = _pre_tokenizer()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS)
 
 

@@ -17,10 +17,51 @@ def build_step(params, name: str) -> dict:
 
 
 def validate_step(params, name: str) -> dict:
+    """Great Expectations suite, then the data card (counts, size histogram, lengths, contact sheet)."""
+    from data.card import write_card
     from data.validate import validate_dataset
 
-    return validate_dataset(name, params.data)
+    summary = validate_dataset(name, params.data)
+    summary["card"] = write_card(name, params.data)
+    return summary
 
 
 build_dataset_task = task(build_step, name="build_data", task_run_name="build-{name}")
 validate_dataset_task = task(validate_step, name="validate_data", task_run_name="validate-{name}")
+
+
+def import_step(params, kind: str, src: str, name: str | None = None, track: bool = True) -> dict:
+    """Register a downloaded dataset (Scone-S2I-57K or SconeEval layout): the raw copy is DVC-tracked under
+    imports/<name> (its .dvc file goes into git), the cleaned, validated copy lands under params.data.root."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from data.importer import import_dataset
+
+    src_path = Path(src)
+    if not src_path.is_dir():
+        raise FileNotFoundError(f"{src}: not a directory (pass the folder holding parquet_data/ + parquet_info/, "
+                                f"or data.jsonl + images for SconeEval)")
+    incoming = [name] if name else [p.stem for p in (src_path / "parquet_info").glob("*.json")] or [src_path.name]
+    clash = sorted(set(incoming) & set(DATASETS))
+    if clash:
+        raise ValueError(f"{src}: dataset name(s) {clash} belong to datasets the pipeline builds; rename "
+                         f"parquet_info/<name>.json and parquet_data/<name>/ in the download (e.g. real_<name>), "
+                         f"then list the new name in params.yaml train.stages.<stage>.datasets")
+    raw = Path("imports") / src_path.name
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    if src_path.resolve() != raw.resolve():
+        if raw.exists():
+            raise FileExistsError(f"{raw} exists: pick another --name or remove it (and {raw}.dvc) first")
+        if track:
+            proc = subprocess.run(["dvc", "add", str(src_path), "-o", str(raw)], capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"dvc add {src_path} -o {raw} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        else:
+            raw.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src_path, raw)
+    summary = import_dataset(kind, raw, params.data, name)
+    summary["raw_copy"] = str(raw)
+    summary["dvc_file"] = f"{raw}.dvc" if track else None
+    return summary

@@ -10,6 +10,8 @@ DATASETS = (
     "scone_multi_candidate",
     "sconeeval_bench",
     "srum_prompts",
+    "mico",  # MICo-150K-style composition types (not in the default stage mixes; train on it by naming it)
+    "mige_edit",  # MIGE-style subject addition / replacement with <imagehere> instructions
 )
 
 
