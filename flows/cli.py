@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -92,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_environment() -> None:
+    """No telemetry calls from a machine that may have no network (Prefect's ephemeral server would log errors)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_environment()
     args = build_parser().parse_args(argv)
     from flows.params import ParamsError
 
