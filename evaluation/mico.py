@@ -162,7 +162,9 @@ def score_row(row: Mapping) -> dict:
     missing = [k for k in ("category", "sources", "PF", "SR", "naturalness", "artifacts") if k not in row]
     if missing:
         raise ValueError(f"MICo case {row.get('key', '?')} lacks {missing}")
-    figs = case_score(row["sources"], pf=row["PF"], sr=row["SR"], naturalness=row["naturalness"], artifacts=row["artifacts"])
+    figs = case_score(
+        row["sources"], pf=row["PF"], sr=row["SR"], naturalness=row["naturalness"], artifacts=row["artifacts"]
+    )
     return {**row, "category": canonical_category(row["category"]), **figs}
 
 
@@ -179,7 +181,8 @@ def summarize(rows: Iterable[Mapping]) -> dict:
     def means(rs):
         return {**{k: float(np.mean([r[k] for r in rs])) for k in FIGURES}, "n_cases": len(rs)}
 
-    per_category = {c: means([r for r in scored if r["category"] == c]) for c in CATEGORIES if any(r["category"] == c for r in scored)}
+    present = [c for c in CATEGORIES if any(r["category"] == c for r in scored)]
+    per_category = {c: means([r for r in scored if r["category"] == c]) for c in present}
     return {
         "benchmark": "mico",
         "per_category": per_category,
@@ -193,7 +196,10 @@ def read_cases(path: str | Path) -> list[dict]:
     """Judged cases from a JSONL file (one score_row input per line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no MICo score file; write one JSON case per line (category, sources, PF, SR, naturalness, artifacts)")
+        raise FileNotFoundError(
+            f"{path}: no MICo score file; write one JSON case per line "
+            "(category, sources, PF, SR, naturalness, artifacts)"
+        )
     out = []
     for n, raw in enumerate(path.read_text().splitlines(), 1):
         if raw.strip():
@@ -207,7 +213,10 @@ def read_cases(path: str | Path) -> list[dict]:
 def format_mico_table(summary_or_rows, context: bool = False) -> str:
     """Markdown in the layout of MICo-150K Table 2 (Overall, Object, Person, HOI, De&Re), Weighted-Ref-
     VIEScore on 0-100, for one summary or [(name, summary), ...]; context=True prepends the paper's rows."""
-    named = [(summary_or_rows.get("model", "model"), summary_or_rows)] if isinstance(summary_or_rows, dict) else list(summary_or_rows)
+    if isinstance(summary_or_rows, dict):
+        named = [(summary_or_rows.get("model", "model"), summary_or_rows)]
+    else:
+        named = list(summary_or_rows)
     head = ["Overall"] + [CATEGORY_TITLES[c] for c in CATEGORIES]
     lines = ["| Model | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     if context:

@@ -59,9 +59,12 @@ def _pair(a, b, resize: bool) -> tuple[np.ndarray, np.ndarray]:
     x, y = to_unit_array(a), to_unit_array(b)
     if x.shape != y.shape:
         if not resize:
-            raise ValueError(f"image sizes differ ({x.shape} vs {y.shape}); pass resize=True to resize the first to the second")
+            raise ValueError(
+                f"image sizes differ ({x.shape} vs {y.shape}); pass resize=True to resize the first to the second"
+            )
         h, w = y.shape[:2]
-        x = np.asarray(Image.fromarray(np.rint(x * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC), dtype=np.float64) / 255.0
+        resized = Image.fromarray(np.rint(x * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        x = np.asarray(resized, dtype=np.float64) / 255.0
     return x, y
 
 
@@ -93,8 +96,11 @@ def cosine(a, b) -> np.ndarray:
 def clip_direction(img_generated, img_source, text_target, text_source) -> np.ndarray:
     """CLIP-dir from embeddings ([N, D] each): cosine(norm(gen) - norm(src), norm(tgt) - norm(src_caption)).
     0 where either change is zero (no direction to compare)."""
-    di = _normalise(torch.as_tensor(np.asarray(img_generated, np.float64))) - _normalise(torch.as_tensor(np.asarray(img_source, np.float64)))
-    dt = _normalise(torch.as_tensor(np.asarray(text_target, np.float64))) - _normalise(torch.as_tensor(np.asarray(text_source, np.float64)))
+    def unit(x):
+        return _normalise(torch.as_tensor(np.asarray(x, np.float64)))
+
+    di = unit(img_generated) - unit(img_source)
+    dt = unit(text_target) - unit(text_source)
     return torch.nn.functional.cosine_similarity(di, dt, dim=-1, eps=1e-12).numpy()
 
 
@@ -154,8 +160,13 @@ class ClipEncoder:
         outs = []
         max_len = self.model.config.text_config.max_position_embeddings
         for i in range(0, len(texts), self.batch_size):
-            tok = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            feats = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device))
+            tok = self.tokenizer(
+                list(texts[i : i + self.batch_size]), padding=True, truncation=True, max_length=max_len,
+                return_tensors="pt",
+            )
+            feats = self.model.get_text_features(
+                input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+            )
             outs.append(_normalise(_pooled(feats)).cpu())
         return torch.cat(outs)
 
@@ -170,11 +181,17 @@ class DinoEncoder:
         self.path, self.device, self.batch_size = path, torch.device(device), batch_size
         self.model = AutoModel.from_pretrained(str(path)).to(self.device).eval()
         if self.model.config.model_type not in ("dinov2", "vit", "dinov2_with_registers", "dinov3_vit"):
-            raise EncoderNotFoundError(f"{path}: a {self.model.config.model_type!r} model; the DINO metric needs a DINO ViT (Dinov2Model or ViTModel)")
+            raise EncoderNotFoundError(
+                f"{path}: a {self.model.config.model_type!r} model; the DINO metric needs a DINO ViT "
+                "(Dinov2Model or ViTModel)"
+            )
         try:
             self.image_processor = AutoImageProcessor.from_pretrained(str(path))
         except (OSError, ValueError) as e:
-            raise EncoderNotFoundError(f"{path}: no image processor saved beside the DINO model ({e}); save one with AutoImageProcessor.save_pretrained(DIR)") from None
+            raise EncoderNotFoundError(
+                f"{path}: no image processor saved beside the DINO model ({e}); "
+                "save one with AutoImageProcessor.save_pretrained(DIR)"
+            ) from None
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence) -> torch.Tensor:
@@ -204,10 +221,13 @@ class MigeMetrics:
         source_captions: Sequence[str] | None = None,
         resize: bool = True,
     ) -> list[dict[str, float]]:
-        """Per case: L1, L2 (generated vs reference), DINO, CLIP-I (generated vs reference), CLIP-T
-        (generated vs caption) and CLIP-dir (needs sources, source_captions and captions)."""
+        """Per case: L1, L2 (generated vs reference; with resize the generated image is first resized to the
+        reference's size), DINO, CLIP-I (generated vs reference), CLIP-T (generated vs caption) and CLIP-dir
+        (needs sources, source_captions and captions)."""
         n = len(generated)
-        for name, seq in (("reference", reference), ("captions", captions), ("sources", sources), ("source_captions", source_captions)):
+        named = (("reference", reference), ("captions", captions), ("sources", sources),
+                 ("source_captions", source_captions))
+        for name, seq in named:
             if seq is not None and len(seq) != n:
                 raise ValueError(f"{name} has {len(seq)} entries for {n} generated images; give one per case")
         rows = [{"L1": pixel_l1(g, r, resize), "L2": pixel_l2(g, r, resize)} for g, r in zip(generated, reference)]
@@ -224,8 +244,9 @@ class MigeMetrics:
                 for row, s in zip(rows, cosine(gen, tgt)):
                     row["CLIP-T"] = float(s)
                 if sources is not None and source_captions is not None:
-                    d = clip_direction(gen, self.clip.image_embeddings(sources), tgt, self.clip.text_embeddings(source_captions))
-                    for row, s in zip(rows, d):
+                    src_img = self.clip.image_embeddings(sources)
+                    src_txt = self.clip.text_embeddings(source_captions)
+                    for row, s in zip(rows, clip_direction(gen, src_img, tgt, src_txt)):
                         row["CLIP-dir"] = float(s)
         return rows
 

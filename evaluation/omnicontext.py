@@ -123,7 +123,9 @@ def group_summary(lines_by_task: Mapping[str, Sequence[dict]]) -> dict:
         figs = [_case_figures(l, f"score_try/{cat}") for l in lines]
         per_category[cat] = {k: float(np.mean([f[k] for f in figs])) for k in FIGURES}
         per_category[cat]["n_cases"] = len(figs)
-    average = {k: float(np.mean([v[k] for v in per_category.values()])) if per_category else float("nan") for k in FIGURES}
+    average = {
+        k: float(np.mean([v[k] for v in per_category.values()])) if per_category else float("nan") for k in FIGURES
+    }
     return {"per_category": per_category, "average": average}
 
 
@@ -185,6 +187,12 @@ def _fmt(v: float | None, std: float | None = None) -> str:
     return f"{v:.2f}" if std is None else f"{v:.2f}±{std:.2f}"
 
 
+def _named(summary_or_rows) -> list[tuple[str, dict]]:
+    if isinstance(summary_or_rows, dict):
+        return [(summary_or_rows.get("model", "model"), summary_or_rows)]
+    return list(summary_or_rows)
+
+
 def _column_titles() -> list[str]:
     return [f"{SETTING_TITLES[c.split('_', 1)[0]]} {KIND_TITLES[c.split('_', 1)[1]]}" for c in CATEGORIES] + ["Average"]
 
@@ -196,18 +204,20 @@ def format_omnicontext_table(
     [(name, summary), ...]; context=True prepends the paper's rows. details=True appends, per summary,
     PF / SC / overall by category (the Table 4 figures)."""
     rows = [(f"{n} (paper)", [_fmt(v) for v in vals]) for n, vals in PAPER_TABLE2.items()] if context else []
-    named = [(summary_or_rows.get("model", "model"), summary_or_rows)] if isinstance(summary_or_rows, dict) else list(summary_or_rows)
+    named = _named(summary_or_rows)
     for name, s in named:
         vals = table2_row(s, figure)
         stds: list[float | None] = [None] * len(vals)
         if with_std and s.get("groups", 1) > 1:
-            stds = list(table2_row({"per_category": s.get("per_category_std", {}), "average": s.get("std", {})}, figure))
+            spread = {"per_category": s.get("per_category_std", {}), "average": s.get("std", {})}
+            stds = list(table2_row(spread, figure))
         rows.append((name, [_fmt(v, sd) for v, sd in zip(vals, stds)]))
     lines = ["| Method | " + " | ".join(_column_titles()) + " |", "|---|" + "---:|" * (len(CATEGORIES) + 1)]
     lines += ["| " + " | ".join([n, *v]) + " |" for n, v in rows]
     if details:
         for name, s in named:
-            lines += ["", f"{name}: PF / SC / overall per category", "", "| Category | PF | SC | Overall | cases |", "|---|---:|---:|---:|---:|"]
+            lines += ["", f"{name}: PF / SC / overall per category", ""]
+            lines += ["| Category | PF | SC | Overall | cases |", "|---|---:|---:|---:|---:|"]
             for c in CATEGORIES:
                 f = s["per_category"].get(c)
                 if f is not None:
@@ -215,5 +225,6 @@ def format_omnicontext_table(
             a = s["average"]
             lines.append(f"| Average | {_fmt(a['PF'])} | {_fmt(a['SC'])} | {_fmt(a['overall'])} | |")
             if s.get("missing_categories"):
-                lines.append(f"\n(missing categories: {', '.join(s['missing_categories'])}; averages over those present)")
+                missing = ", ".join(s["missing_categories"])
+                lines.append(f"\n(missing categories: {missing}; averages over those present)")
     return "\n".join(lines)

@@ -467,14 +467,17 @@ def aggregate_command(results_dir: str | Path, model: str, benchmark: str = "sco
     and return the table (Table 3 layout for SconeEval, per-task otherwise) as markdown."""
     if benchmark not in ("sconeeval", "omnicontext"):
         raise ValueError(f"unknown benchmark {benchmark!r}: use sconeeval or omnicontext")
-    summary = aggregate(results_dir, model)
-    summary["benchmark"] = benchmark
     if benchmark == "sconeeval":
+        summary = aggregate(results_dir, model)
         table = format_table3(summary, style="markdown", with_std=True)
         if summary["missing_task_types"]:
             table += f"\n\n(missing task types: {', '.join(summary['missing_task_types'])}; averages over those present)"
     else:
-        table = format_task_table(summary)
+        from evaluation.omnicontext import aggregate_omnicontext, format_omnicontext_table
+
+        summary = aggregate_omnicontext(results_dir, model)
+        table = format_omnicontext_table(summary, with_std=True)
+    summary["benchmark"] = benchmark
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

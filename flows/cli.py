@@ -94,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_environment() -> None:
-    """No telemetry calls from a machine that may have no network (Prefect's ephemeral server would log errors)."""
+    """No telemetry calls from a machine that may have no network (Prefect's ephemeral server would log errors).
+
+    One intra-op thread per process unless OMP_NUM_THREADS says otherwise: the tiny model runs thousands of small
+    kernels per step, and with two OpenMP threads per process any other busy process on a 2-core laptop makes
+    them spin against each other (measured: 0.38 vs 11.9 samples/s beside one busy process; BENCHMARKS.md).
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
 

@@ -60,12 +60,13 @@ def test_run_writes_a_consistent_report(tmp_path):
     params = tiny_params(tmp_path)
     before = torch.get_num_threads()
     out = tmp_path / "bench" / "sampling.json"
-    report = run(params, out, cases=2, repeats=2, threads=1)
+    report = run(params, out, cases=2, repeats=2, cached_repeats=3, threads=1)
     assert json.loads(out.read_text()) == report
     assert torch.get_num_threads() == before
     assert report["threads"] == 1 and report["torch"] == torch.__version__ and report["cpu_count"] >= 1
     assert report["model_source"].startswith("fresh init")
     assert report["steps"] == 2 and report["guidance_passes"] == 3 and report["bridge"] is True
+    assert report["repeats"] == {"cached": 3, "uncached": 2}
     cached, uncached = report["per_mode"]["cached"], report["per_mode"]["uncached"]
     assert list(cached) == ["1", "2", "3", "4"]
     for rows in (cached, uncached):
@@ -77,9 +78,14 @@ def test_run_writes_a_consistent_report(tmp_path):
     assert all(r["share_encode_context"] > 0 for r in cached.values())
     ratio = report["ratio_4ref_to_1ref"]
     assert ratio["cached"] == pytest.approx(cached["4"]["per_case_ms"] / cached["1"]["per_case_ms"], rel=1e-2)
-    assert report["cache_speedup"]["3"] == pytest.approx(uncached["3"]["per_case_ms"] / cached["3"]["per_case_ms"], rel=1e-2)
+    speedup_3 = uncached["3"]["per_case_ms"] / cached["3"]["per_case_ms"]
+    assert report["cache_speedup"]["3"] == pytest.approx(speedup_3, rel=1e-2)
     assert report["aim_met"] == (ratio["cached"] <= 1.5)
     assert report["cached_dominant_phase_at_max_refs"] in ("encode_context", "steps", "other")
+    growth = report["cached_growth_ms_per_case"]
+    assert growth["total"] == pytest.approx(cached["4"]["per_case_ms"] - cached["1"]["per_case_ms"], abs=1e-2)
+    assert growth["encode_context"] + growth["steps"] + growth["other"] == pytest.approx(growth["total"], abs=1e-2)
+    assert all(r["encode_ms_per_case"] == 0 and r["steps_ms_per_case"] > 0 for r in uncached.values())
     assert 0 < report["cpu_utilisation"] <= 1.5
 
 

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from evaluation.mige import (
     ClipEncoder,
@@ -34,7 +35,8 @@ def tiny_clip_dir(root):
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                         num_attention_heads=2, max_position_embeddings=32,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8),
         projection_dim=8,
@@ -148,7 +150,7 @@ def test_clip_scores_match_the_model_directly(metrics, encoders):
     rows = metrics.case_metrics(gen, src, captions=caps, sources=src, source_captions=src_caps)
     model = CLIPModel.from_pretrained(str(encoders[0])).eval()
     tok = AutoTokenizer.from_pretrained(str(encoders[0]))
-    px = metrics.clip.image_processor(images=[__import__("PIL").Image.fromarray(g) for g in gen], return_tensors="pt")["pixel_values"]
+    px = metrics.clip.image_processor(images=[Image.fromarray(g) for g in gen], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         img = model.get_image_features(pixel_values=px)
         img = img if isinstance(img, torch.Tensor) else img.pooler_output
