@@ -17,9 +17,9 @@ import statistics
 import time
 from pathlib import Path
 
-DEFAULT_STEPS = 60  # N: steps per Stage II step (the paper: 1k)
+DEFAULT_STEPS = 50  # N: steps per Stage II step (the paper: 1k)
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_TAUS = (-0.1, 0.02, 0.1, 0.88)
+DEFAULT_TAUS = (-0.1, 0.02, 0.88)
 
 
 def _versions(params, steps: int) -> dict[str, list]:

@@ -339,8 +339,9 @@ def train_stage(
     torch.manual_seed(train.seed)  # identical fresh weights on every rank
     tokenizer = family.tokenizer(init_checkpoint)
     model = family.load(init_checkpoint) if init_checkpoint else family.build(model_cfg, tokenizer)
-    if init_checkpoint and hasattr(model.config, "with_runtime_settings"):
-        model.config = model.config.with_runtime_settings(model_cfg)
+    follow_params = getattr(getattr(model, "config", None), "with_runtime_settings", None)
+    if init_checkpoint and follow_params is not None:  # families without the hook keep their saved config
+        model.config = follow_params(model_cfg)
     trainable = apply_freezing(model, stage)
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
