@@ -34,14 +34,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-TASK_TYPES = (
-    "composition_single",
-    "composition_multi",
-    "distinction_cross",
-    "distinction_intra",
-    "distinction_composition_cross",
-    "distinction_composition_intra",
-)
+from data.records import TASK_TYPES  # the six SconeEval sub-tasks, in Table 3 order
 DISTINCTION_TYPES = tuple(t for t in TASK_TYPES if "distinction" in t)
 # The released Scone evaluation script names the distinction folders differently.
 TASK_TYPE_ALIASES = {

@@ -5,15 +5,8 @@ the dashboards that display them. Importing this package is cheap: MLflow loads 
 """
 from __future__ import annotations
 
-# SconeEval sub-tasks in the paper's Table 3 order (the same order as `data.records.TASK_TYPES`).
-SCONEEVAL_TASK_TYPES: tuple[str, ...] = (
-    "composition_single",
-    "composition_multi",
-    "distinction_cross",
-    "distinction_intra",
-    "distinction_composition_cross",
-    "distinction_composition_intra",
-)
+# SconeEval sub-tasks in the paper's Table 3 order: the data package owns the list.
+from data.records import TASK_TYPES as SCONEEVAL_TASK_TYPES
 
 # Averages on the 0-10 scale: COM (composition), DIS (distinction), Overall = (COM + DIS) / 2.
 SCONEEVAL_OVERALL = "sconeeval.overall"
