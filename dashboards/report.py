@@ -199,6 +199,31 @@ def _thumbnail(src: Path, dst: Path) -> Path:
 
 # ---------------------------------------------------------------- HTML sections
 
+
+def _datacards_html(artifacts: Path, out_dir: Path) -> str:
+    """One row per dataset card (data.card.write_card): counts, sizes, instruction lengths, contact sheet."""
+    cards = sorted((artifacts / "datacards").glob("*/card.json"))
+    if not cards:
+        return '<p class="note">not run: no data cards (scone data validate all writes them).</p>'
+    rows = []
+    for path in cards:
+        card = json.loads(path.read_text())
+        counts = ", ".join(f"{_esc(k)} {v}" for k, v in sorted((card.get("task_type") or {}).items()))
+        words = card.get("instruction_words") or {}
+        length = f"mean {words['mean']:.1f}, max {words['max']}" if "mean" in words else "-"
+        sizes = ", ".join(f"{_esc(k)}: {v}" for k, v in (card.get("image_sizes") or {}).items()) or "-"
+        sheet = path.parent / "contact_sheet.png"
+        img = "-"
+        if sheet.exists():
+            dst = out_dir / "datacards" / f"{path.parent.name}.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(sheet, dst)
+            img = f'<img src="datacards/{dst.name}" alt="contact sheet {_esc(card.get("name", ""))}" style="max-height:160px">'
+        rows.append(f'<tr><td class="name">{_esc(card.get("name", path.parent.name))}</td><td>{card.get("rows", "-")}</td>'
+                    f'<td style="text-align:left">{counts or "-"}</td><td>{sizes}</td><td>{length}</td><td>{img}</td></tr>')
+    head = "<tr><th>Dataset</th><th>Rows</th><th>Task types</th><th>Image sizes</th><th>Instruction words</th><th>Contact sheet</th></tr>"
+    return f'<table id="datacards">{head}{"".join(rows)}</table>'
+
 def _table3_html(ckpts: Sequence[Checkpoint]) -> str:
     keys = [k for _, k in TABLE3_COLUMNS]
     best = {}
@@ -335,6 +360,7 @@ def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path 
         ("SRUM rewards", _prefix_table_html(ckpts, SRUM_PREFIX, "srum", "SRUM")),
         ("Compositional T2I", _prefix_table_html(ckpts, T2I_PREFIX, "t2i", "compositional T2I")),
         ("Samples", samples_html),
+        ("Data cards", _datacards_html(artifacts, out_dir)),
     ]
     out.write_text(_page(f"scone-ops report: {model_name}", meta, sections))
     return out

@@ -83,6 +83,8 @@ def test_pipeline_leaves_every_artifact(clone):
     html = (art / "reports" / "index.html").read_text()
     for name in names:
         assert name in html
+    for ds in ("mico", "mige_edit", "scone_multi_candidate"):  # data cards reach the report
+        assert (art / "reports" / "datacards" / f"{ds}.png").is_file() and f"contact sheet {ds}" in html
 
 
 def test_every_checkpoint_is_a_registered_version_with_a_gate_decision(clone):
