@@ -19,7 +19,7 @@ from pathlib import Path
 
 DEFAULT_STEPS = 50  # N: steps per Stage II step (the paper: 1k)
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_TAUS = (-0.1, 0.02, 0.88)
+DEFAULT_TAUS = (0.02, 0.88)
 
 
 def _versions(params, steps: int) -> dict[str, list]:
