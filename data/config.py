@@ -50,6 +50,8 @@ class DataConfig(Strict):
         0.25, ge=0.0, le=1.0, description="share of base rows whose target is spoilt like a noisy generated pool"
     )
     max_references: int = Field(4, ge=1, le=5, description="5 lets MICo's five-input types (5O, 1P4C, 1P2C2O) build")
+    mico_max_references: int = Field(5, ge=2, le=5, description="MICo's own input limit: its largest types "
+                                     "(5O, 1P4C, 1P2C2O) take 5 images; train on them with model.max_references 5")
     instruction_writer: Literal["template", "openai"] = "template"
     num_workers: int = Field(0, ge=0, description="processes rendering rows; 0 = all cores (output is identical for any value)")
     llm: LLMWriterConfig = LLMWriterConfig()

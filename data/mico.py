@@ -92,8 +92,8 @@ def references_needed(composition_type: str) -> int:
 
 
 def skipped_types(cfg: DataConfig) -> list[str]:
-    """Composition types with more inputs than data.max_references allows (built when it is 5)."""
-    return [t for t in COMPOSITION_TYPES if references_needed(t) > cfg.max_references]
+    """Composition types with more inputs than data.mico_max_references allows (none at the default 5)."""
+    return [t for t in COMPOSITION_TYPES if references_needed(t) > cfg.mico_max_references]
 
 
 def _contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
@@ -234,7 +234,7 @@ class MicoSampler:
 def enabled_types(cfg: DataConfig) -> list[str]:
     skipped = set(skipped_types(cfg))
     types = [t for t in COMPOSITION_TYPES if t not in skipped]
-    return types + ([DE_RE] if cfg.max_references >= references_needed(DE_RE) else [])
+    return types + ([DE_RE] if cfg.mico_max_references >= references_needed(DE_RE) else [])
 
 
 def mico_cases(cfg: DataConfig) -> list[Case]:
@@ -243,6 +243,6 @@ def mico_cases(cfg: DataConfig) -> list[Case]:
 
     types = enabled_types(cfg)
     if not types:
-        raise ValueError(f"no MICo composition type fits data.max_references={cfg.max_references}; it needs >= 2")
-    sampler = MicoSampler(_world(cfg, MICO, "train"), cfg.max_references)
+        raise ValueError(f"no MICo composition type fits data.mico_max_references={cfg.mico_max_references}; it needs >= 2")
+    sampler = MicoSampler(_world(cfg, MICO, "train"), cfg.mico_max_references)
     return [sampler.case(f"mico_{i:06d}", types[i % len(types)]) for i in range(cfg.sizes.mico)]

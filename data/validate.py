@@ -229,6 +229,8 @@ def _suite_for(name: str, cfg: DataConfig) -> Suite:
     """Built datasets get their full suite; any other name is validated by the layout found on disk
     (an imported Scone-S2I or SconeEval directory) with that layout's base suite."""
     root = Path(cfg.root)
+    if name == "mico":  # MICo has its own input limit (its five-input types)
+        cfg = cfg.model_copy(update={"max_references": cfg.mico_max_references})
     if name in S2I_DATASETS:
         return _s2i_suite(pd.DataFrame(list(scone_s2i.iter_rows(root, name))), cfg, task_types=TASK_TYPES_OF.get(name, TASK_TYPES))
     if name == BENCH:

@@ -24,7 +24,7 @@ from data.validate import validate_dataset
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    cfg = DataConfig(root=str(tmp_path_factory.mktemp("mico") / "data"), max_references=5, rows_per_row_group=16,
+    cfg = DataConfig(root=str(tmp_path_factory.mktemp("mico") / "data"), rows_per_row_group=16,
                      num_workers=1, sizes=DatasetSizes(mico=56))
     return cfg, build_dataset(MICO, cfg), scone_s2i.read_cases(cfg.root, MICO)
 
@@ -35,7 +35,8 @@ def test_table_1_taxonomy():
     assert parse_type("1P2C2O") == ["P", "C", "C", "O", "O"] and parse_type("2W1M") == ["W", "W", "M"]
     with pytest.raises(ValueError, match="not a MICo composition type"):
         parse_type("1X")
-    assert skipped_types(DataConfig()) == ["5O", "1P4C", "1P2C2O"]  # five inputs need data.max_references: 5
+    assert skipped_types(DataConfig()) == []  # the default builds all 27 types, the five-input ones included
+    assert skipped_types(DataConfig(mico_max_references=4)) == ["5O", "1P4C", "1P2C2O"]
 
 
 def test_every_type_is_built_valid_and_judged_perfect(built):
@@ -89,8 +90,8 @@ def test_compatibility_by_hand():
     assert compatibility(man, hat_small, "O", []) == pytest.approx(0.4 + 0.3 * contrast + 0.3)
 
 
-def test_default_config_builds_the_four_input_types(tmp_path):
-    cfg = DataConfig(root=str(tmp_path / "data"), num_workers=1, sizes=DatasetSizes(mico=25))
+def test_a_four_input_limit_skips_the_five_input_types(tmp_path):
+    cfg = DataConfig(root=str(tmp_path / "data"), num_workers=1, sizes=DatasetSizes(mico=25), mico_max_references=4)
     summary = build_dataset(MICO, cfg)
     assert Counter(summary["case_type"]).total() == 25 and len(summary["case_type"]) == 25
     assert summary["skipped_types"] == ["5O", "1P4C", "1P2C2O"]
