@@ -195,7 +195,9 @@ def _dispatch(args) -> int:
     if cmd == "bench":
         import importlib
 
-        out = Path(args.out or Path(params.pipeline.artifacts) / "bench" / f"{args.name}.json")
+        from tasks.paths import Paths
+
+        out = Path(args.out or Paths.from_params(params).bench / f"{args.name}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         result = importlib.import_module(BENCHMARKS[args.name]).run(params, out)
         print(json.dumps(result, indent=1, default=str)[:6000])

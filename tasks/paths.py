@@ -25,16 +25,8 @@ class Paths:
         return cls(root=Path(params.pipeline.artifacts), data=Path(params.data.root))
 
     @property
-    def validation(self) -> Path:
-        return self.root / "validation"
-
-    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
-
-    @property
-    def train_state(self) -> Path:
-        return self.root / "train_state"
 
     @property
     def scores(self) -> Path:
@@ -58,6 +50,10 @@ class Paths:
 
     def checkpoint(self, name: str) -> Path:
         return self.checkpoints / name
+
+    def srum_round(self, index: int) -> Path:
+        """evaluation.srum.run_round writes round k under <srum>/round_k."""
+        return self.srum / f"round_{index}"
 
     def score_dir(self, name: str) -> Path:
         return self.scores / name

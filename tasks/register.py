@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.checkpoints import data_dirs, is_srum, stage_of
+from tasks.checkpoints import data_dirs, is_srum, srum_index, stage_of
 from tasks.paths import Paths
 from tasks.stamps import file_md5
 
@@ -37,7 +37,7 @@ def checkpoint_metrics(params, name: str) -> dict[str, float]:
         metrics[f"{T2I_PREFIX}mean"] = float(t2i["mean"])
         metrics.update({f"{T2I_PREFIX}{k}": float(v) for k, v in t2i["per_category"].items()})
     if is_srum(name):
-        stats_path = paths.srum / f"round_{name.removeprefix('srum_round')}" / "summary.json"
+        stats_path = paths.srum_round(srum_index(name)) / "summary.json"
         if stats_path.exists():
             stats = json.loads(stats_path.read_text()).get("reward_stats", {})
             metrics.update({f"{SRUM_PREFIX}{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))})

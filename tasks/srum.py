@@ -20,7 +20,7 @@ def srum_round_step(params, index: int) -> dict:
     if not (init / "config.json").exists():
         raise FileNotFoundError(f"SRUM round {index} starts from {init}, which does not exist: train it first")
     ckpt = paths.checkpoint(srum_name(index))
-    round_dir = paths.srum / f"round_{index}"
+    round_dir = paths.srum_round(index)
     inputs = {"init": file_md5(init / "model.safetensors"), "srum": params.srum.model_dump(),
               "sampling": params.eval.sampling.model_dump(), "prompts": tree_md5(paths.data / "srum_prompts")}
     if is_fresh(round_dir, inputs, [ckpt / "model.safetensors", round_dir / "summary.json"]):
