@@ -38,7 +38,7 @@ def run(params, out: Path, dataset: str = BASE) -> dict:
             cfg = data.model_copy(update={"root": str(Path(tmp) / label / "data"), "num_workers": workers})
             seconds, summary = _timed_build(cfg, dataset)
             rows = summary["rows"] + summary["quarantined"]
-            result[label] = {"workers": workers, "rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 2)}
+            result[label] = {"workers": workers, "rows": rows, "seconds": round(seconds, 6), "rows_per_s": round(rows / seconds, 2)}
             digests[label] = _digest(Path(cfg.root))
     result["speedup"] = round(result["one_process"]["seconds"] / result["all_cores"]["seconds"], 3)
     result["identical"] = digests["one_process"] == digests["all_cores"]

@@ -170,7 +170,7 @@ def run(
     sequential.update(
         measured_cases=sequential_cases,
         measured_requests=seq_requests,
-        seconds_per_request=round(per_request, 4),
+        seconds_per_request=round(per_request, 6),
         extrapolated=extrapolated,
         judge_s_all_cases=round(seq_full_s, 3),
     )
