@@ -7,6 +7,8 @@
   added (target unchanged), over the four distinction task types.
 - sconeeval_bench: bench_per_task held-out cases per SconeEval task type, SconeEval layout.
 - srum_prompts: compositional text-to-image prompts with their target scene graphs.
+- t2i_pretrain: text-to-image rows (no references) of the same prompt world, another stream (data.t2i): the
+  T2I competence a unified base model brings, mixed into Stage I.
 
 - mico: MICo-150K's 27 composition types and De&Re over the subject world (data.mico), Scone-S2I layout.
 - mige_edit: MIGE's instruction-based subject addition / replacement with <imagehere> instructions (data.mige).
@@ -42,8 +44,9 @@ BENCH = "sconeeval_bench"
 SRUM = "srum_prompts"
 MICO = "mico"
 MIGE = "mige_edit"
-S2I_DATASETS = (BASE, REFINED, MULTI, MICO, MIGE)
-DATASETS = (BASE, REFINED, MULTI, BENCH, SRUM)  # the chain of the Scone recipe (tasks/paths.py DATASETS)
+T2I = "t2i_pretrain"
+S2I_DATASETS = (BASE, REFINED, MULTI, MICO, MIGE, T2I)
+DATASETS = (BASE, REFINED, MULTI, T2I, BENCH, SRUM)  # the chain of the Scone recipe (tasks/paths.py DATASETS)
 EXTRA_DATASETS = (MICO, MIGE)  # built on request: MICo-150K and MIGE coverage of the subject world
 ALL_DATASETS = (*DATASETS, *EXTRA_DATASETS)
 MULTI_SUBJECT_SHARE = 0.6  # base rows with 2+ references (the rest: one subject)
@@ -199,6 +202,10 @@ def build_dataset(name: str, cfg: DataConfig) -> dict:
             from data.mige import mige_cases
 
             cases = mige_cases(cfg)
+        elif name == T2I:
+            from data.t2i import t2i_cases
+
+            cases = t2i_cases(cfg)
         else:
             cases = base_cases(cfg)
         if name == BASE:
@@ -208,7 +215,7 @@ def build_dataset(name: str, cfg: DataConfig) -> dict:
             cases = refined_cases(cfg, [c for c in cases if not check_case(c)])
         cases = _rewrite_instructions(cases, cfg)
         rows, bad = _cases_to_rows(cases, cfg, name)
-        rows, quarantined = _quarantine(rows, bad, cfg, name)
+        rows, quarantined = _quarantine(rows, bad, cfg, name, min_images=1 if name == T2I else 2)
         kept = {r["key"] for r in rows}
         cases = [c for c in cases if c.key in kept]
         files = scone_s2i.write_rows(rows, root, name, cfg.rows_per_row_group, rows_per_file)

@@ -30,7 +30,9 @@ MICO_TASK_TYPES = (
 )
 # MIGE's instruction-based subject-driven editing sub-tasks.
 MIGE_TASK_TYPES = ("subject_addition", "subject_replacement")
-ALL_TASK_TYPES = (*TASK_TYPES, *MICO_TASK_TYPES, *MIGE_TASK_TYPES)
+# Text-to-image rows (data.t2i): no references, the image list holds only the target.
+T2I_TASK_TYPES = ("text_to_image",)
+ALL_TASK_TYPES = (*TASK_TYPES, *MICO_TASK_TYPES, *MIGE_TASK_TYPES, *T2I_TASK_TYPES)
 
 # Columns of a training shard (Scone-S2I-57K layout plus our metadata columns).
 ROW_COLUMNS = (

@@ -21,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from data.build import BENCH, MICO, MIGE, S2I_DATASETS, SRUM
+from data.build import BENCH, MICO, MIGE, S2I_DATASETS, SRUM, T2I
 from data.config import DataConfig
 from data.formats import scone_s2i
-from data.records import MICO_TASK_TYPES, MIGE_TASK_TYPES, ROW_COLUMNS, TASK_TYPES
+from data.records import MICO_TASK_TYPES, MIGE_TASK_TYPES, ROW_COLUMNS, T2I_TASK_TYPES, TASK_TYPES
 from data.scene import Scene
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no usage statistics calls from CI or laptops
@@ -34,7 +34,7 @@ BENCH_COLUMNS = ("key", "task_type", "case_type", "instruction", "input_images",
 # such as the released Scone-S2I-57K shards carry only these).
 S2I_BASE_COLUMNS = ("image", "instruction")
 BENCH_BASE_COLUMNS = ("instruction", "input_images")
-TASK_TYPES_OF = {MICO: MICO_TASK_TYPES, MIGE: MIGE_TASK_TYPES}
+TASK_TYPES_OF = {MICO: MICO_TASK_TYPES, MIGE: MIGE_TASK_TYPES, T2I: T2I_TASK_TYPES}
 SRUM_COLUMNS = ("key", "category", "prompt", "target")
 MAX_EXAMPLES = 5
 
@@ -136,7 +136,8 @@ def _add_flag(df: pd.DataFrame, name: str, problems: pd.Series) -> None:
     df[name] = problems == ""
 
 
-def _s2i_suite(df: pd.DataFrame, cfg: DataConfig, required=ROW_COLUMNS, task_types=TASK_TYPES, strict_size: bool = True) -> Suite:
+def _s2i_suite(df: pd.DataFrame, cfg: DataConfig, required=ROW_COLUMNS, task_types=TASK_TYPES, strict_size: bool = True,
+               min_images: int = 2) -> Suite:
     gx, _ = _gx()
     E = gx.expectations
     exp, details = [], {}
@@ -145,7 +146,7 @@ def _s2i_suite(df: pd.DataFrame, cfg: DataConfig, required=ROW_COLUMNS, task_typ
         size = cfg.image_size if strict_size else None
         _add_flag(df, "images_ok", df["image"].map(lambda x: _images_problem(x, size)))
         exp += [
-            E.ExpectColumnValuesToBeBetween(column="n_images", min_value=2, max_value=cfg.max_references + 1),
+            E.ExpectColumnValuesToBeBetween(column="n_images", min_value=min_images, max_value=cfg.max_references + 1),
             E.ExpectColumnValuesToBeInSet(column="images_ok", value_set=[True]),
         ]
         details["images_ok"] = "images_ok_problem"
@@ -232,7 +233,8 @@ def _suite_for(name: str, cfg: DataConfig) -> Suite:
     if name == "mico":  # MICo has its own input limit (its five-input types)
         cfg = cfg.model_copy(update={"max_references": cfg.mico_max_references})
     if name in S2I_DATASETS:
-        return _s2i_suite(pd.DataFrame(list(scone_s2i.iter_rows(root, name))), cfg, task_types=TASK_TYPES_OF.get(name, TASK_TYPES))
+        return _s2i_suite(pd.DataFrame(list(scone_s2i.iter_rows(root, name))), cfg, task_types=TASK_TYPES_OF.get(name, TASK_TYPES),
+                          min_images=1 if name == T2I else 2)
     if name == BENCH:
         return _bench_suite(_read_jsonl_frame(root / BENCH / "data.jsonl"), cfg, root / BENCH)
     if name == SRUM:

@@ -8,6 +8,7 @@ DATASETS = (
     "scone_single_candidate_base",
     "scone_single_candidate_refined",
     "scone_multi_candidate",
+    "t2i_pretrain",  # text-to-image rows (no references): the base model's T2I competence, mixed into Stage I
     "sconeeval_bench",
     "srum_prompts",
     "mico",  # MICo-150K-style composition types (not in the default stage mixes; train on it by naming it)
