@@ -11,15 +11,17 @@ the configured judge (`srum.judge`) scores them once, and only what the trainer 
   binarised        the full map on the latent grid thresholded at the neutral 0.5 -> {0, 1}
   no_constraint    the full map with lambda_c = 0 (the paper's "w/o KL constraint")
   no_global        the map without the global layout factor (the global judgment replaced by neutral 0)
-and two controls the paper does not have, to read the others against:
-  reference_only   R = 0: only lambda_c * L_ref, i.e. what the ground-truth constraint alone does
-  srum_self_judge  the full SRUM map built from the `self` judge (the model's understanding expert)
+and controls the paper does not have, to read the others against:
+  reference_only     R = 0: only lambda_c * L_ref, i.e. what the ground-truth constraint alone does
+  srum_self_judge    the full SRUM map built from the `self` judge (the model's understanding expert)
+  srum_oracle_judge  the full SRUM map built from the `oracle` judge (the prompt's exact scene)
+(the judge control equal to the configured judge is the `srum` row itself and is left out by default).
 
 Score: compositional T2I accuracy per category (evaluation.t2i) on the round's own prompts (in-domain, as the
 pipeline reports) and on held-out prompts of the same world (another prompt stream, as T2I-CompBench's test
-split), `eval_samples` images per prompt, per seed; then mean +- std over the seeds. The judge agreement
-between `self` and the configured judge on the seed's candidates is reported beside it, since it decides what
-the self-reward can teach.
+split), `eval_samples` images per prompt, per seed; then mean +- std over the seeds. How the `self` judge's
+scores agree with the `oracle`'s on the same candidates is reported beside it, since it decides what the
+self-reward can teach. Each seed's judgments are kept as `seed<k>/rewards_<judge>.jsonl` (SRUM reward JSONL).
 """
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ VARIANTS: dict[str, str] = {
     "no_global": "no global reward",
     "reference_only": "control: constraint only (R = 0)",
     "srum_self_judge": "control: SRUM with the self judge",
+    "srum_oracle_judge": "control: SRUM with the oracle judge",
 }
+JUDGE_CONTROLS = {"srum_self_judge": "self", "srum_oracle_judge": "oracle"}
 PAPER_VARIANTS = ("sft", "srum", "sample_level", "binarised", "no_constraint", "no_global")
 
 
@@ -62,10 +66,11 @@ def variant_map(variant: str, vlm_rewards: Sequence[dict], width: int, height: i
         return np.ones((grid, grid), dtype=np.float32)
     if variant == "reference_only":
         return np.zeros((grid, grid), dtype=np.float32)
-    if variant == "no_global":
-        vlm_rewards = [e for e in vlm_rewards if not (isinstance(e, dict) and e.get("object") == GLOBAL_OBJECT)]
+    if variant == "no_global":  # kept as an entry of score 0, so the map builder does not warn about a missing one
+        vlm_rewards = [{**e, "score": 0.0} if isinstance(e, dict) and e.get("object") == GLOBAL_OBJECT else e
+                       for e in vlm_rewards]
     full = to_latent_grid(reward_map(vlm_rewards, width, height), grid).astype(np.float32)
-    if variant in ("srum", "no_constraint", "no_global", "srum_self_judge"):
+    if variant in ("srum", "no_constraint", "no_global", *JUDGE_CONTROLS):
         return full
     if variant == "sample_level":
         return np.full((grid, grid), float(full.mean()), dtype=np.float32)
@@ -175,13 +180,18 @@ def heldout_prompts(data_cfg, per_category: int = HELDOUT_PER_CATEGORY) -> list[
     return [{**r, "key": r["key"].replace("srum_", "heldout_"), "target": Scene.from_dict(r["target"])} for r in rows]
 
 
-def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Sequence[str] = tuple(VARIANTS),
-        eval_samples: int = DEFAULT_EVAL_SAMPLES) -> dict:
+def default_variants(configured_judge: str) -> tuple[str, ...]:
+    """The paper's variants, the constraint-only control and the judge control(s) other than the configured judge."""
+    return tuple(v for v in VARIANTS if JUDGE_CONTROLS.get(v) != configured_judge)
+
+
+def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Sequence[str] | None = None,
+        eval_samples: int = DEFAULT_EVAL_SAMPLES, heldout_per_category: int = HELDOUT_PER_CATEGORY) -> dict:
     from tqdm.auto import tqdm
 
     from data.formats.srum_prompts import read_prompts
     from data.formats.srum_rewards import write_rewards
-    from evaluation.srum import SelfRewardJudge, candidate_seed, judge_candidates, make_reward_judge, prompt_text
+    from evaluation.srum import candidate_seed, judge_candidates, make_reward_judge, prompt_text
     from data.render import render_array
     from evaluation.detect import resize_to, to_array
     from evaluation.t2i import row_target
@@ -190,6 +200,7 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
     from model.sampler import generate
     from model.srum_train import SrumCandidate, train_srum_round
 
+    variants = tuple(variants or default_variants(params.srum.judge))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown SRUM ablation variants {unknown}; expected some of {list(VARIANTS)}")
@@ -203,7 +214,7 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
             f"(or `scone train --stage {srum_cfg.init_from}`) first")
     prompts_path = Path(params.data.root) / "srum_prompts" / "prompts.jsonl"
     prompts = read_prompts(prompts_path)
-    prompt_sets = {"train_prompts": prompts, "heldout_prompts": heldout_prompts(params.data)}
+    prompt_sets = {"train_prompts": prompts, "heldout_prompts": heldout_prompts(params.data, heldout_per_category)}
     eval_seeds = [params.eval.seed + i for i in range(eval_samples)]
     bridge = srum_cfg.bridge
 
@@ -214,8 +225,10 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
 
     model, tokenizer = load_checkpoint(init)
     grid = model.latent_grid
-    judge = make_reward_judge(srum_cfg.judge, model=model, tokenizer=tokenizer)
-    self_judge = judge if judge.name == "self" else SelfRewardJudge(model, tokenizer)
+    judge = make_reward_judge(srum_cfg.judge, model=model, tokenizer=tokenizer, openai_cfg=params.eval.openai)
+    judges = {judge.name: judge}
+    for name in ("self", "oracle"):  # the controls' judges, and both sides of the agreement figure
+        judges.setdefault(name, make_reward_judge(name, model=model, tokenizer=tokenizer))
     examples = [Example(refs=[], instruction=prompt_text(r)) for r in prompts]
     references = [render_array(row_target(r)) for r in prompts]
 
@@ -228,13 +241,13 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
                   for s in k_seeds]
         per_prompt = [[resize_to(to_array(images[k][i]), row_target(r).size) for k in range(len(k_seeds))]
                       for i, r in enumerate(prompts)]
-        records = judge_candidates(prompts, per_prompt, judge)
-        self_records = records if judge is self_judge else judge_candidates(prompts, per_prompt, self_judge)
-        write_rewards(work / f"seed{seed}" / "rewards.jsonl", records)
-        write_rewards(work / f"seed{seed}" / "rewards_self.jsonl", self_records)
-        agreement[str(seed)] = judge_agreement(self_records, records)
+        by_judge = {name: judge_candidates(prompts, per_prompt, j) for name, j in judges.items()}
+        records = by_judge[judge.name]
+        for name, recs in by_judge.items():
+            write_rewards(work / f"seed{seed}" / f"rewards_{name}.jsonl", recs)
+        agreement[str(seed)] = judge_agreement(by_judge["self"], by_judge["oracle"])
         for variant in variants:
-            recs = self_records if variant == "srum_self_judge" else records
+            recs = by_judge[JUDGE_CONTROLS[variant]] if variant in JUDGE_CONTROLS else records
             cands = []
             for j, rec in enumerate(recs):
                 i, k = divmod(j, len(k_seeds))
@@ -257,7 +270,7 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
         "prompts": {k: len(v) for k, v in prompt_sets.items()},
         "init": {"label": "init (no round)", "scores": init_scores},
         "variants": {v: {"label": VARIANTS[v], "scores": mean_std(per_variant[v])} for v in variants},
-        "self_vs_configured_judge": agreement,
+        "self_vs_oracle_judge": agreement,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     if "srum" in variants and "sft" in variants:

@@ -15,8 +15,8 @@ Pieces, in the order of the paper's pipeline:
      (1.0 only when flawless), -0.4..0.4 for harmless fragments, -0.9..-0.5 for severe flaws: a prompt
      subject with the wrong shape or texture, or an unrequested extra copy of one.
    Backends: `oracle` (the prompt's ground-truth scene), `self` (the model's own understanding expert,
-   score = 2 P(yes) - 1), `openai` (any VLM behind a `complete(text, image) -> str` callable; the
-   prompts follow the paper's two scoring guides).
+   score = 2 P(yes) - 1), `openai` (a VLM behind an OpenAI-compatible endpoint, JSON answers; the prompts
+   follow the paper's two scoring guides).
 4. rewards: one record per candidate in the SRUM regional-reward JSONL (data.formats.srum_rewards), the
    global entry first; dense maps via model.reward_map, area-averaged to the latent grid.
 5. training: model.srum_train.train_srum_round on (prompt, candidate, map, ground-truth render).
@@ -30,13 +30,15 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Annotated, Any, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from data.formats.srum_rewards import GLOBAL_OBJECT, write_rewards
 from data.instructions import qa_position, qa_there
@@ -348,85 +350,111 @@ class SelfRewardJudge:
         return g, region_judgments
 
 
-# ---------------------------------------------------------------------------------------------- openai hook
+# ---------------------------------------------------------------------------------------------- openai
 
 
-def global_layout_prompt(prompt: str) -> str:
-    """The global judgment request, following the paper's layout scoring guide (our wording)."""
+class LayoutAnswer(BaseModel):
+    """The global judgment: one score in [-1, 1] and why."""
+
+    model_config = ConfigDict(extra="ignore")
+    reason: str
+    score: Annotated[StrictFloat, Field(ge=-1, le=1, allow_inf_nan=False)]
+
+
+class RegionAnswer(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    region: StrictInt
+    object: str
+    reason: str
+    score: Annotated[StrictFloat, Field(ge=-1, le=1, allow_inf_nan=False)]
+
+
+class RegionsAnswer(BaseModel):
+    """The regional judgments: one entry per numbered region."""
+
+    model_config = ConfigDict(extra="ignore")
+    regions: list[RegionAnswer]
+
+
+def global_layout_prompt(prompt: str, layout_stated: bool) -> str:
+    """The global judgment request, after the paper's layout scoring guide (our wording)."""
+    intent = ("The prompt states where things go: judge the arrangement against it."
+              if layout_stated else
+              "The prompt states no placement: any sensible arrangement is neutral, so stay within -0.4 to 0.4.")
     return (
         "You judge the composition of a generated image against the prompt it was made from. Look only at how "
         "the elements are arranged and whether that matches where the prompt says things should be.\n"
-        f'Prompt: "{prompt}"\n'
-        "Give one score between -1.0 and 1.0:\n"
+        f'Prompt: "{prompt}"\n{intent}\n'
+        "Give one score, a number from -1 to 1:\n"
         "  1.0: the arrangement is exactly what the prompt asks for;\n"
         "  0.5 to 0.9: the layout is mostly right, with small mistakes;\n"
         "  -0.4 to 0.4: neutral, the prompt says nothing about placement or the layout is generic;\n"
         "  -0.9 to -0.5: the layout is wrong or goes against the prompt;\n"
         "  -1.0: the arrangement is the opposite of what the prompt asks.\n"
-        "Answer with two lines:\nScore: <number>\nReason: <why>"
+        'Answer with JSON only: {"reason": "<why, one sentence>", "score": <number>}'
     )
 
 
 def region_prompt(prompt: str, regions: Sequence[Region]) -> str:
-    """The regional judgment request, following the paper's region scoring guide (our wording)."""
+    """The regional judgment request, after the paper's region scoring guide (our wording)."""
     listed = "\n".join(f"Region {i + 1}: box {list(r.bbox)} (x0, y0, x1, y1 in pixels)" for i, r in enumerate(regions))
     return (
         "You analyse boxed regions of a generated image made from a prompt.\n"
         f'Prompt: "{prompt}"\n{listed}\n'
-        "For every region, first name the main object inside it, then give one strict score between -1.0 and "
-        "1.0 that weighs both how relevant the object is to the prompt and how well it is drawn:\n"
+        "For every region, first name the main object inside it, then give one strict score, a number from -1 to 1, "
+        "that weighs both how relevant the object is to the prompt and how well it is drawn:\n"
         "  1.0: exactly what the prompt asks for and without any flaw;\n"
         "  0.5 to 0.9: a relevant object with small flaws, or a well drawn secondary element;\n"
         "  -0.4 to 0.4: neutral: somewhat relevant, mixed quality, or a harmless background element (0 is neutral);\n"
         "  -0.9 to -0.5: irrelevant and distracting, or a relevant object with severe artifacts or distortion;\n"
         "  -1.0: it works against the prompt.\n"
-        "For each region answer:\nRegion: <number>\nObject: <what it is>\nScore: <number>\nReason: <why>"
+        'Answer with JSON only: {"regions": [{"region": <number>, "object": "<what it is>", '
+        '"reason": "<why>", "score": <number>}, ...]} with one entry per region.'
     )
 
 
-_SCORE = re.compile(r"score\s*:\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
-
-
-def parse_score(text: str) -> tuple[float, str] | None:
-    """(score clamped to [-1, 1], reason) from a 'Score: x / Reason: y' answer, or None when absent."""
-    m = _SCORE.search(text or "")
-    if not m:
-        return None
-    reason = re.search(r"reason\s*:\s*(.+)", text[m.end():], re.IGNORECASE)
-    return _clamp(float(m.group(1))), (reason.group(1).strip() if reason else "")
-
-
-def parse_regions(text: str, n: int) -> list[Judgment]:
-    """One judgment per region from the regional answer; missing or unreadable regions are neutral (0)."""
-    blocks = re.split(r"(?im)^\W*region(?:\s*id)?\s*:?\s*(\d+)\W*$", text or "")
-    found: dict[int, Judgment] = {}
-    for k in range(1, len(blocks) - 1, 2):
-        idx, body = int(blocks[k]) - 1, blocks[k + 1]
-        parsed = parse_score(body)
-        obj = re.search(r"(?:identified )?object\s*:\s*(.+)", body, re.IGNORECASE)
-        if 0 <= idx < n and parsed is not None:
-            found[idx] = Judgment(parsed[0], parsed[1], obj.group(1).strip() if obj else "")
-    return [found.get(i, Judgment(0.0, "no readable score for this region: neutral")) for i in range(n)]
+def regions_from_answer(answer: RegionsAnswer, n: int, key: str) -> list[Judgment]:
+    """One judgment per region; a region the answer skipped is neutral (0) with a warning, never fatal."""
+    found = {a.region - 1: Judgment(a.score, a.reason, a.object) for a in answer.regions if 1 <= a.region <= n}
+    missing = [i + 1 for i in range(n) if i not in found]
+    if missing:
+        warnings.warn(f"SRUM judge: prompt {key}: no judgment for region(s) {missing}; they count as neutral 0",
+                      stacklevel=2)
+    return [found.get(i, Judgment(0.0, "the judge gave no score for this region: neutral")) for i in range(n)]
 
 
 class OpenAIRewardJudge:
-    """Any VLM behind `complete(text, image) -> answer text` (e.g. an OpenAI-compatible chat endpoint)."""
+    """A VLM behind an OpenAI-compatible endpoint, through evaluation.judges.openai.OpenAIJudge (bounded
+    concurrency, retries with backoff, strict JSON parsing with re-asking, on-disk cache, token accounting).
+    The global and the regional request of an image go out together."""
 
     name = "openai"
 
-    def __init__(self, complete: Callable[[str, np.ndarray], str]):
-        self.complete = complete
+    def __init__(self, client):
+        self.client = client
 
     def judge(self, row, image, regions: Sequence[Region]) -> tuple[Judgment, list[Judgment]]:
+        from evaluation.judges.openai import Job, chat_messages
+
         arr = to_array(image)
-        prompt = prompt_text(row)
-        parsed = parse_score(self.complete(global_layout_prompt(prompt), arr))
-        g = Judgment(*parsed, GLOBAL_OBJECT) if parsed else Judgment(0.0, "no readable layout score: neutral", GLOBAL_OBJECT)
-        regional = parse_regions(self.complete(region_prompt(prompt, regions), arr), len(regions)) if regions else []
-        return g, regional
+        prompt, key = prompt_text(row), str(_field(row, "key", "?"))
+        shown = [("Generated image:", self.client.image_url(arr))]
+        jobs = [Job(key, "srum_layout", "global layout", chat_messages(global_layout_prompt(prompt, layout_specified(row)),
+                                                                       shown), LayoutAnswer)]
+        if regions:
+            jobs.append(Job(key, "srum_regions", f"{len(regions)} regions", chat_messages(region_prompt(prompt, regions),
+                                                                                          shown), RegionsAnswer))
+        answers = self.client.ask(jobs)
+        layout = answers[0]
+        score = layout.score
+        if not layout_specified(row):  # the guide's neutral band, whatever the endpoint said
+            score = float(np.clip(score, -NEUTRAL_BAND, NEUTRAL_BAND))
+        g = Judgment(score, layout.reason, GLOBAL_OBJECT)
+        return g, (regions_from_answer(answers[1], len(regions), key) if regions else [])
 
 
-def make_reward_judge(kind: str, *, model=None, tokenizer=None, complete: Callable | None = None) -> RewardJudge:
+def make_reward_judge(kind: str, *, model=None, tokenizer=None, openai_cfg=None) -> RewardJudge:
+    """The SRUM judge of `srum.judge`; `openai` takes the endpoint settings of `eval.openai` (OpenAIJudgeConfig)."""
     if kind == "oracle":
         return OracleRewardJudge()
     if kind == "self":
@@ -434,12 +462,9 @@ def make_reward_judge(kind: str, *, model=None, tokenizer=None, complete: Callab
             raise ValueError("the 'self' SRUM judge needs the model and its tokenizer (its understanding expert answers)")
         return SelfRewardJudge(model, tokenizer)
     if kind == "openai":
-        if complete is None:
-            raise NotImplementedError(
-                "the 'openai' SRUM judge needs a complete(text, image) -> str callable for a VLM endpoint; "
-                "none is wired yet: pass judge=OpenAIRewardJudge(complete) or use srum.judge=oracle"
-            )
-        return OpenAIRewardJudge(complete)
+        from evaluation.judges.openai import OpenAIJudge
+
+        return OpenAIRewardJudge(OpenAIJudge(openai_cfg))
     raise ValueError(f"unknown SRUM judge {kind!r}; expected oracle, self or openai (srum.judge in params.yaml)")
 
 
@@ -496,6 +521,7 @@ def run_round(
     model_cfg=None,
     train_cfg=None,
     judge: RewardJudge | None = None,
+    openai_cfg=None,
     max_regions: int = MAX_REGIONS,
     progress: bool = False,
 ) -> dict:
@@ -503,7 +529,8 @@ def run_round(
 
     `prompts`: rows of data.formats.srum_prompts (key, category, prompt, target, layout_specified).
     `srum_cfg`: model.config.SrumConfig; `sampling`: evaluation.config.SamplingConfig (steps, guidance, batch).
-    `judge`: a RewardJudge instance; default from srum_cfg.judge (the self judge uses the round's model).
+    `judge`: a RewardJudge instance; default from srum_cfg.judge (the self judge uses the round's model, the
+    openai judge the endpoint settings `openai_cfg`, an evaluation.config.OpenAIJudgeConfig).
     """
     from model.batching import Example
     from model.modeling import load_checkpoint
@@ -521,7 +548,7 @@ def run_round(
     model, tokenizer = load_checkpoint(model_dir)
     grid = model.latent_grid
     if judge is None:
-        judge = make_reward_judge(srum_cfg.judge, model=model, tokenizer=tokenizer)
+        judge = make_reward_judge(srum_cfg.judge, model=model, tokenizer=tokenizer, openai_cfg=openai_cfg)
     examples = [Example(refs=[], instruction=prompt_text(r)) for r in prompts]
     seeds = [candidate_seed(srum_cfg.seed, round_index, k) for k in range(srum_cfg.candidates)]
     per_seed = [
@@ -582,5 +609,7 @@ def run_round(
         "timings_s": {"generate": t_generate, "judge": t_judge, "train": train_summary.get("total_s"),
                       "total": time.perf_counter() - t0},
     }
+    if hasattr(getattr(judge, "client", None), "usage"):  # an endpoint judge: what the round's judging cost
+        summary["judge_usage"] = judge.client.usage()
     (round_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

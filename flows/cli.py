@@ -18,6 +18,7 @@ BENCHMARKS = {
     "sampling": "evaluation.bench_sampling",
     "train-throughput": "model.bench_throughput",
     "ablation-stage2": "evaluation.ablation_stage2",
+    "srum-ablation": "evaluation.ablation_srum",
 }
 
 

@@ -111,7 +111,9 @@ class SrumConfig(Strict):
     rounds: int = Field(1, ge=0)
     init_from: str = Field("stage2_step2", description="stage whose checkpoint the first round starts from")
     candidates: int = Field(4, ge=1, description="K candidates per compositional prompt")
-    judge: Literal["self", "oracle", "openai"] = "oracle"
+    judge: Literal["self", "oracle", "openai"] = Field(
+        "self", description="who scores the candidates: the model's own understanding expert (SRUM), the prompt's "
+        "exact scene (oracle) or a VLM endpoint (openai, settings under eval.openai)")
     lambda_c: float = Field(0.5, ge=0, description="weight of the reference flow-matching constraint (paper's best 0.5)")
     alpha: float = Field(1.0, gt=0, description="scale of the reward term")
     steps: int = Field(40, ge=1)

@@ -36,6 +36,7 @@ def srum_round_step(params, index: int) -> dict:
         ckpt_dir=ckpt,
         model_cfg=params.model,
         train_cfg=params.train,
+        openai_cfg=params.eval.openai,
         progress=True,
     )
     write_stamp(round_dir, inputs)

@@ -3,7 +3,9 @@
 `POST /v1/chat/completions` answers like a VLM judge would, deterministically: the answer is derived
 from a sha256 of the request's text and image parts, so the same question always gets the same
 score. A request whose text mentions the field `"present"` gets `{"reason", "present": 0|1}`, any
-other `{"reason", "score": 0..10}` (the two answer shapes of evaluation.judges.prompts).
+other `{"reason", "score": 0..10}` (the two answer shapes of evaluation.judges.prompts); the SRUM reward
+judge's requests get their shapes (evaluation.srum): a `"regions"` request one entry per `Region k:` line,
+a request asking for "a number from -1 to 1" `{"reason", "score": -1..1}`.
 
 Behaviour is scripted per test (`configure`) and applied to requests in arrival order:
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import threading
 import time
@@ -84,6 +87,12 @@ def answer_for(body: dict) -> str:
     """The deterministic well-formed answer to a judge request."""
     text, images = request_parts(body)
     digest = hashlib.sha256((text + "\n".join(images)).encode()).digest()
+    if '"regions"' in text:  # the SRUM regional request: one entry per "Region k:" line, scores in [-1, 1]
+        n = len(re.findall(r"^Region \d+:", text, re.MULTILINE))
+        return json.dumps({"regions": [{"region": k + 1, "object": f"stub object {k + 1}", "reason": "stub",
+                                        "score": round(digest[k % 32] / 127.5 - 1.0, 3)} for k in range(n)]})
+    if "from -1 to 1" in text:  # the SRUM global layout request
+        return json.dumps({"reason": "stub layout", "score": round(digest[0] / 127.5 - 1.0, 3)})
     if '"present"' in text:
         return json.dumps({"reason": f"stub verdict {digest[0] % 2}", "present": digest[0] % 2})
     return json.dumps({"reason": f"stub score {digest[0] % 11}", "score": digest[0] % 11})

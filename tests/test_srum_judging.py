@@ -16,8 +16,6 @@ from evaluation.srum import (
     layout_band,
     make_reward_judge,
     neutral_band,
-    parse_regions,
-    parse_score,
     prompt_colours,
     propose_regions,
     reward_record,
@@ -187,27 +185,80 @@ def test_self_judge_with_a_fresh_model_is_neutral():
     assert g.score == pytest.approx(0.0, abs=1e-6) and [r.score for r in judged] == pytest.approx([0.0, 0.0], abs=1e-6)
 
 
-def test_openai_hook_parses_answers():
-    answers = {
-        "layout": "Score: 0.7\nReason: mostly right",
-        "regions": "Region 1\nObject: a red ball\nScore: 0.95\nReason: fine\n---\nRegion 2\nObject: blue box\nScore: -3\n",
-    }
-    seen = []
+def _srum_openai_judge(server, tmp_path, **changes):
+    from evaluation.config import OpenAIJudgeConfig
+    from evaluation.judges.openai import OpenAIJudge
 
-    def complete(text, image):
-        seen.append(text)
-        return answers["layout" if "composition" in text else "regions"]
+    cfg = dict(base_url=server.base_url, cache_dir=str(tmp_path / "cache"), backoff_s=0.001, backoff_max_s=0.01,
+               timeout_s=5.0, max_retries=2)
+    cfg.update(changes)
+    return make_reward_judge("openai", openai_cfg=OpenAIJudgeConfig(**cfg))
 
+
+def test_openai_judge_against_the_local_endpoint(tmp_path, monkeypatch):
+    import json
+
+    from openai_stub_server import StubServer, answer_for, request_parts
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     image = render_array(SPATIAL["target"])
     regions = propose_regions(image, SPATIAL)
-    g, judged = OpenAIRewardJudge(complete).judge(SPATIAL, image, regions)
-    assert g.score == 0.7 and g.reason == "mostly right"
-    assert [r.score for r in judged] == [0.95, -1.0] and judged[0].object == "a red ball"
-    assert SPATIAL["prompt"] in seen[0] and "Region 2: box" in seen[1]
-    assert parse_score("no idea") is None
-    assert [j.score for j in parse_regions("Region 2\nScore: 0.5", 3)] == [0.0, 0.5, 0.0]
-    with pytest.raises(NotImplementedError, match="complete"):
-        make_reward_judge("openai")
+    assert len(regions) == 2
+    with StubServer() as server:
+        judge = _srum_openai_judge(server, tmp_path)
+        g, judged = judge.judge(SPATIAL, image, regions)
+        bodies = server.bodies()
+        assert len(bodies) == 2  # one global and one regional request, sent together
+        layout_body = next(b for b in bodies if '"regions"' not in request_parts(b)[0])
+        region_body = next(b for b in bodies if '"regions"' in request_parts(b)[0])
+        want_g = json.loads(answer_for(layout_body))
+        want_r = json.loads(answer_for(region_body))["regions"]
+        assert g.score == want_g["score"] and g.reason == "stub layout"
+        assert [j.score for j in judged] == [r["score"] for r in want_r] and judged[1].object == "stub object 2"
+        text = request_parts(region_body)[0]
+        assert SPATIAL["prompt"] in text and f"Region 2: box {list(regions[1].bbox)}" in text
+        assert "states where things go" in request_parts(layout_body)[0]
+
+        # a prompt without layout intent: the global score is held to the neutral band
+        g2, _ = judge.judge(PAIR, image, [])
+        assert -0.4 <= g2.score <= 0.4
+        assert judge.client.usage()["calls"]["srum_layout"] == 2
+        judge.client.close()
+
+        # the same questions again come from the cache: no new requests
+        before = server.stats()["requests"]
+        again = _srum_openai_judge(server, tmp_path)
+        assert again.judge(SPATIAL, image, regions)[0].score == g.score
+        assert server.stats()["requests"] == before and again.client.usage()["cache_hits"] == 2
+        again.client.close()
+
+
+def test_openai_judge_rejects_prose_naming_the_request(tmp_path, monkeypatch):
+    from evaluation.judges.prompts import JudgeAnswerError
+    from openai_stub_server import StubServer
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    image = render_array(SPATIAL["target"])
+    with StubServer(garbage=True) as server:
+        judge = _srum_openai_judge(server, tmp_path, cache=False)
+        with pytest.raises(JudgeAnswerError, match="case p0: the judge's global layout answer is unusable"):
+            judge.judge(SPATIAL, image, [])
+        assert server.stats()["requests"] == 3  # asked again max_retries times before giving up
+        judge.client.close()
+
+
+def test_region_answers_missing_a_region_count_as_neutral_with_a_warning():
+    answer = srum.RegionsAnswer(regions=[srum.RegionAnswer(region=2, object="box", reason="ok", score=0.5),
+                                         srum.RegionAnswer(region=9, object="?", reason="out of range", score=1.0)])
+    with pytest.warns(UserWarning, match=r"region\(s\) \[1, 3\]"):
+        out = srum.regions_from_answer(answer, 3, "p0")
+    assert [j.score for j in out] == [0.0, 0.5, 0.0] and out[1].object == "box"
+    with pytest.raises(Exception, match="less than or equal to 1"):
+        srum.LayoutAnswer(reason="x", score=3.0)
+
+
+def test_unknown_judge_names_the_choices():
     with pytest.raises(ValueError, match="unknown SRUM judge"):
         make_reward_judge("gpt")
 

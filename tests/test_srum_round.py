@@ -41,7 +41,7 @@ def test_run_round_end_to_end(tmp_path, monkeypatch):
     model = SconeModel.from_model_config(cfg, vocab_size=len(tok))
     torch.nn.init.normal_(model.velocity_head.weight, std=0.1)  # a fresh head is zero: sample something
     init = save_checkpoint(model, tok, tmp_path / "init")
-    srum = SrumConfig(candidates=2, steps=2, micro_batch=2, warmup_steps=1)
+    srum = SrumConfig(candidates=2, steps=2, micro_batch=2, warmup_steps=1, judge="oracle")
     sampling = SamplingConfig(steps=2, cfg_text=1.0, cfg_image=1.0, batch_size=4)
 
     # candidate 0 is the exact target, candidate 1 has the two subjects swapped; the real sampler must be
@@ -93,3 +93,25 @@ def test_run_round_end_to_end(tmp_path, monkeypatch):
     assert trained.latent_grid == 8
     on_disk = json.loads((round_dir / "summary.json").read_text())
     assert on_disk["paths"]["checkpoint"] == str(tmp_path / "ckpt")
+
+
+@pytest.mark.slow
+def test_the_default_round_is_judged_by_the_models_own_understanding(tmp_path, monkeypatch):
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, image_size=32, vit_patch=8, latent_patch=4,
+                      max_text_len=24, bridge=BridgeConfig(early_layer=0, apply_until=1))
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    init = save_checkpoint(SconeModel.from_model_config(cfg, vocab_size=len(tok)), tok, tmp_path / "init")
+    srum = SrumConfig(candidates=1, steps=1, micro_batch=2, warmup_steps=0)
+    assert srum.judge == "self"
+    rows = prompt_rows()
+    monkeypatch.setattr("model.sampler.generate", lambda model, tokenizer, examples, **kw: [render_array(r["target"]) for r in rows])
+    summary = run_round(init, rows, srum, SamplingConfig(steps=1, cfg_text=1.0, cfg_image=1.0, batch_size=4),
+                        tmp_path / "srum", 1, ckpt_dir=tmp_path / "ckpt", model_cfg=cfg)
+    assert summary["judge"] == "self"
+    records = read_rewards(tmp_path / "srum" / "round_1" / "rewards.jsonl")
+    regions = [e for r in records for e in r["vlm_rewards"][1:]]
+    assert len(regions) == 4 and all("P(yes)" in e["reason"] for e in regions)
+    assert "mean P(yes)" in records[0]["vlm_rewards"][0]["reason"]
+    # the untrained expert's answers are its own, in range, and the global one of a stated layout is 2 P(yes) - 1
+    assert all(-1.0 <= e["score"] <= 1.0 for r in records for e in r["vlm_rewards"])

@@ -177,7 +177,7 @@ class Usage:
 
     def call(self, kind: str) -> None:
         with self._lock:
-            self.calls[kind] += 1
+            self.calls[kind] = self.calls.get(kind, 0) + 1
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -291,6 +291,17 @@ class OpenAIJudge:
                 chat_messages(prompts.presence(case, ref_index, phrase), shown), PresenceAnswer),
         ])
         return int(answer.present), answer.reason
+
+    # ------------------------------------------------------------------ other judges on the same client
+
+    def image_url(self, image) -> str:
+        """The data URL an image is sent as (cached, sized as the config says)."""
+        return self._output_url(image)
+
+    def ask(self, jobs: list[Job]) -> list[Any]:
+        """Validated answers to any requests (e.g. the SRUM reward judge's): cache, concurrency, retries and
+        accounting as for the SconeEval requests."""
+        return self._ask(jobs)
 
     # ------------------------------------------------------------------ accounting
 
