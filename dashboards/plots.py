@@ -57,3 +57,23 @@ def plot_overall(labels: Sequence[str], values: Sequence[float | None], referenc
     if references:
         ax.legend(fontsize=7, loc="upper center", ncol=2)
     return _save(fig, out)
+
+
+def plot_ablation(labels: Sequence[str], panels: Mapping[str, Sequence[tuple[float, float]]], out: Path,
+                  title: str, baseline: Mapping[str, float] | None = None) -> Path:
+    """One panel per metric: a bar per variant at its mean with the seeds' std as error bar; a dashed line for
+    the starting checkpoint when given."""
+    fig = Figure(figsize=(4.2 * len(panels), 0.35 * len(labels) + 1.6))
+    for i, (metric, values) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ys = range(len(labels))
+        ax.barh(ys, [m for m, _ in values], xerr=[s for _, s in values], color="#4c78a8", capsize=2)
+        if baseline and metric in baseline:
+            ax.axvline(baseline[metric], linestyle="--", linewidth=1, color="#e45756", label=f"start {baseline[metric]:.3f}")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_yticks(list(ys), labels if i == 0 else [""] * len(labels), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(metric, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out)

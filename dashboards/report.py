@@ -291,6 +291,44 @@ def _prefix_table_html(ckpts: Sequence[Checkpoint], prefix: str, table_id: str, 
     return f'<table id="{table_id}"><tr><th class="name">Checkpoint</th>{head}</tr>' + "".join(rows) + "</table>"
 
 
+def _srum_ablation_html(artifacts: Path, out_dir: Path) -> str:
+    """`scone bench srum-ablation` when it has been run: a plot per prompt set and the judge agreement."""
+    import json
+
+    from dashboards.plots import plot_ablation
+
+    path = artifacts / "bench" / "srum-ablation.json"
+    if not path.exists():
+        return '<p class="note">not run: <code>scone bench srum-ablation</code> writes artifacts/bench/srum-ablation.json</p>'
+    try:
+        result = json.loads(path.read_text())
+        variants = result["variants"]
+        parts = []
+        for prompt_set in ("train_prompts", "heldout_prompts"):
+            panels = {m: [(v["scores"][prompt_set][m]["mean"], v["scores"][prompt_set][m]["std"]) for v in variants.values()]
+                      for m in ("mean", "found")}
+            start = result["init"]["scores"][prompt_set]
+            png = plot_ablation([v["label"] for v in variants.values()],
+                                {"T2I accuracy (mean of categories)": panels["mean"], "subjects found": panels["found"]},
+                                out_dir / f"srum_ablation_{prompt_set}.png", f"SRUM ablation, {prompt_set.replace('_', ' ')}",
+                                {"T2I accuracy (mean of categories)": start["mean"], "subjects found": start["found"]})
+            parts.append(f'<img src="{png.name}" alt="SRUM ablation {prompt_set}">')
+        agree = result.get("self_vs_oracle_judge", {})
+        def num(v):
+            return "n/a" if v is None else f"{v:.2f}"
+
+        rows = "".join(f"<tr><td>{_esc(seed)}</td><td>{num(a['global']['pearson'])}</td><td>{num(a['global']['sign_agreement'])}</td>"
+                       f"<td>{num(a['regions']['pearson'])}</td><td>{num(a['regions']['sign_agreement'])}</td></tr>"
+                       for seed, a in agree.items())
+        note = (f'<p class="note">judge {_esc(result["judge"])}, seeds {_esc(result["seeds"])}, '
+                f'{_esc(result["eval_samples_per_prompt"])} images per prompt; bars: mean over seeds, error bars: std.</p>')
+        table = ('<table><tr><th>seed</th><th>global r</th><th>global sign agreement</th><th>region r</th>'
+                 f'<th>region sign agreement</th></tr>{rows}</table>') if rows else ""
+        return note + "".join(parts) + ("<h3>self vs oracle judge on the same candidates</h3>" + table if table else "")
+    except (KeyError, TypeError, ValueError) as e:
+        return f'<p class="note">{_esc(path)} is unreadable ({_esc(e)}); re-run <code>scone bench srum-ablation</code></p>'
+
+
 def _page(title: str, meta: str, sections: Sequence[tuple[str, str]]) -> str:
     body = "".join(f"<h2>{_esc(h)}</h2>\n{content}\n" for h, content in sections)
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
@@ -359,6 +397,7 @@ def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path 
         ("Training curves", curves_html),
         ("SRUM rewards", _prefix_table_html(ckpts, SRUM_PREFIX, "srum", "SRUM")),
         ("Compositional T2I", _prefix_table_html(ckpts, T2I_PREFIX, "t2i", "compositional T2I")),
+        ("SRUM ablation", _srum_ablation_html(artifacts, out_dir)),
         ("Samples", samples_html),
         ("Data cards", _datacards_html(artifacts, out_dir)),
     ]

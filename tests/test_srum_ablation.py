@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from data.formats.srum_rewards import GLOBAL_OBJECT, read_rewards
 from evaluation.ablation_srum import VARIANTS, default_variants, judge_agreement, variant_config, variant_map
@@ -81,19 +80,11 @@ def test_ablation_trains_every_variant_on_the_same_candidates(tmp_path):
     from evaluation.ablation_srum import run
     from evaluation.config import EvalConfig, SamplingConfig
     from flows.params import load_params
-    from model.config import BridgeConfig, ModelConfig
-    from model.modeling import SconeModel, save_checkpoint
-    from model.tokenizer import build_tokenizer
+    from test_srum_round import tiny_checkpoint
 
     data = DataConfig(root=str(tmp_path / "data"))
     write_prompts(make_prompts(_world(data, SRUM, "train"), 7), tmp_path / "data" / "srum_prompts" / "prompts.jsonl")
-    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, image_size=32, vit_patch=8, latent_patch=4,
-                      max_text_len=48, bridge=BridgeConfig(early_layer=0, apply_until=1))
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = SconeModel.from_model_config(cfg, vocab_size=len(tok))
-    torch.nn.init.normal_(model.velocity_head.weight, std=0.1)  # a fresh head is zero: sample something
-    save_checkpoint(model, tok, tmp_path / "artifacts" / "checkpoints" / "stage2_step2")
+    cfg, _ = tiny_checkpoint(tmp_path / "artifacts" / "checkpoints" / "stage2_step2", max_text_len=48)
     params = types.SimpleNamespace(
         data=data, model=cfg, train=load_params(Path(__file__).parents[1] / "params.yaml").train,
         srum=SrumConfig(candidates=2, steps=2, micro_batch=2, warmup_steps=1, judge="oracle"),

@@ -32,15 +32,20 @@ def swapped(scene: Scene) -> Scene:
     return Scene(scene.background, (Placement(a.subject, b.bbox), Placement(b.subject, a.bbox)), scene.size)
 
 
-@pytest.mark.slow
-def test_run_round_end_to_end(tmp_path, monkeypatch):
+def tiny_checkpoint(directory, max_text_len: int = 24):
+    """A small random model saved as a checkpoint; returns (its ModelConfig, the directory)."""
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, image_size=32, vit_patch=8, latent_patch=4,
-                      max_text_len=24, bridge=BridgeConfig(early_layer=0, apply_until=1))
+                      max_text_len=max_text_len, bridge=BridgeConfig(early_layer=0, apply_until=1))
     tok = build_tokenizer()
     torch.manual_seed(0)
     model = SconeModel.from_model_config(cfg, vocab_size=len(tok))
     torch.nn.init.normal_(model.velocity_head.weight, std=0.1)  # a fresh head is zero: sample something
-    init = save_checkpoint(model, tok, tmp_path / "init")
+    return cfg, save_checkpoint(model, tok, directory)
+
+
+@pytest.mark.slow
+def test_run_round_end_to_end(tmp_path, monkeypatch):
+    cfg, init = tiny_checkpoint(tmp_path / "init")
     srum = SrumConfig(candidates=2, steps=2, micro_batch=2, warmup_steps=1, judge="oracle")
     sampling = SamplingConfig(steps=2, cfg_text=1.0, cfg_image=1.0, batch_size=4)
 
@@ -97,11 +102,7 @@ def test_run_round_end_to_end(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_default_round_is_judged_by_the_models_own_understanding(tmp_path, monkeypatch):
-    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, image_size=32, vit_patch=8, latent_patch=4,
-                      max_text_len=24, bridge=BridgeConfig(early_layer=0, apply_until=1))
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    init = save_checkpoint(SconeModel.from_model_config(cfg, vocab_size=len(tok)), tok, tmp_path / "init")
+    cfg, init = tiny_checkpoint(tmp_path / "init")
     srum = SrumConfig(candidates=1, steps=1, micro_batch=2, warmup_steps=0)
     assert srum.judge == "self"
     rows = prompt_rows()
