@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 Series = Sequence[tuple[int, float]]  # (step, value)
 
@@ -75,5 +76,6 @@ def plot_ablation(labels: Sequence[str], panels: Mapping[str, Sequence[tuple[flo
         ax.invert_yaxis()
         ax.set_title(metric, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
     fig.suptitle(title, fontsize=10)
     return _save(fig, out)

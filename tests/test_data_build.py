@@ -13,7 +13,7 @@ from data.records import TASK_TYPES
 
 
 def small_cfg(root: Path, seed: int = 1234, **kw) -> DataConfig:
-    sizes = DatasetSizes(base=40, multi_candidate=24, bench_per_task=2, srum_prompts=14)
+    sizes = DatasetSizes(base=40, multi_candidate=24, bench_per_task=2, srum_prompts=14, t2i_pretrain=21)
     return DataConfig(seed=seed, root=str(root), rows_per_row_group=8, sizes=sizes, **kw)
 
 
@@ -114,3 +114,22 @@ def test_too_many_quarantined_rows_stop_the_build(tmp_path, monkeypatch):
 def test_unknown_dataset_is_named(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         build_dataset("nope", small_cfg(tmp_path))
+
+
+def test_t2i_rows_have_no_references_and_cover_every_category(built):
+    from data.build import T2I
+    from data.formats.srum_prompts import CATEGORIES
+
+    cfg, summary = built
+    assert summary[T2I]["rows"] == 21 and summary[T2I]["task_type"] == {"text_to_image": 21}
+    assert summary[T2I]["case_type"] == {c: 3 for c in CATEGORIES}
+    rows = list(scone_s2i.iter_rows(cfg.root, T2I))
+    assert all(len(r["image"]) == 1 for r in rows)  # the target only
+    cases = scone_s2i.read_cases(cfg.root, T2I)
+    assert all(c.references == [] and c.target.placements for c in cases)
+    answers = [a for c in cases for _, a in c.qa]
+    assert answers.count("yes") == answers.count("no") > 0  # the understanding loss gets balanced questions
+    # its own stream: none of its prompts is a SRUM round's prompt row
+    srum_texts = {r["prompt"] for r in srum_prompts.read_prompts(Path(cfg.root) / SRUM / "prompts.jsonl")}
+    assert sum(c.instruction in srum_texts for c in cases) < len(cases) // 2
+    assert all(c.key.startswith("t2i_") for c in cases)
