@@ -19,7 +19,7 @@ class DatasetSizes(Strict):
     srum_prompts: int = Field(24, ge=1, description="compositional prompts for SRUM rounds")
     mico: int = Field(54, ge=1, description="MICo-150K-style rows, spread evenly over its composition types and De&Re")
     mige_edit: int = Field(32, ge=1, description="MIGE-style subject addition / replacement rows (half each)")
-    t2i_pretrain: int = Field(192, ge=1, description="text-to-image rows (no references) over the seven T2I categories")
+    t2i_pretrain: int = Field(384, ge=1, description="text-to-image rows (no references) over the seven T2I categories")
 
 
 class QualityConfig(Strict):
