@@ -53,6 +53,11 @@ MULTI_SUBJECT_SHARE = 0.6  # base rows with 2+ references (the rest: one subject
 DISTINCTION_TASKS = TASK_TYPES[2:]
 
 
+def min_images_of(name: str) -> int:
+    """Images a row of dataset `name` holds at least: references and the target; T2I rows have the target only."""
+    return 1 if name == T2I else 2
+
+
 __all__ = ["DataQualityError", "build_dataset", "build_all", "ALL_DATASETS", "DATASETS"]
 
 
@@ -215,7 +220,7 @@ def build_dataset(name: str, cfg: DataConfig) -> dict:
             cases = refined_cases(cfg, [c for c in cases if not check_case(c)])
         cases = _rewrite_instructions(cases, cfg)
         rows, bad = _cases_to_rows(cases, cfg, name)
-        rows, quarantined = _quarantine(rows, bad, cfg, name, min_images=1 if name == T2I else 2)
+        rows, quarantined = _quarantine(rows, bad, cfg, name, min_images=min_images_of(name))
         kept = {r["key"] for r in rows}
         cases = [c for c in cases if c.key in kept]
         files = scone_s2i.write_rows(rows, root, name, cfg.rows_per_row_group, rows_per_file)

@@ -21,9 +21,10 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from data.build import BENCH, MICO, MIGE, S2I_DATASETS, SRUM, T2I
+from data.build import BENCH, MICO, MIGE, S2I_DATASETS, SRUM, T2I, min_images_of
 from data.config import DataConfig
 from data.formats import scone_s2i
+from data.formats.jsonl import read_jsonl
 from data.records import MICO_TASK_TYPES, MIGE_TASK_TYPES, ROW_COLUMNS, T2I_TASK_TYPES, TASK_TYPES
 from data.scene import Scene
 
@@ -222,8 +223,7 @@ def _common(df: pd.DataFrame, E, task_types=TASK_TYPES) -> list:
 def _read_jsonl_frame(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: build the dataset first")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(read_jsonl(path))
 
 
 def _suite_for(name: str, cfg: DataConfig) -> Suite:
@@ -234,7 +234,7 @@ def _suite_for(name: str, cfg: DataConfig) -> Suite:
         cfg = cfg.model_copy(update={"max_references": cfg.mico_max_references})
     if name in S2I_DATASETS:
         return _s2i_suite(pd.DataFrame(list(scone_s2i.iter_rows(root, name))), cfg, task_types=TASK_TYPES_OF.get(name, TASK_TYPES),
-                          min_images=1 if name == T2I else 2)
+                          min_images=min_images_of(name))
     if name == BENCH:
         return _bench_suite(_read_jsonl_frame(root / BENCH / "data.jsonl"), cfg, root / BENCH)
     if name == SRUM:

@@ -191,13 +191,10 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
 
     from data.formats.srum_prompts import read_prompts
     from data.formats.srum_rewards import write_rewards
-    from evaluation.srum import candidate_seed, judge_candidates, make_reward_judge, prompt_text
     from data.render import render_array
-    from evaluation.detect import resize_to, to_array
+    from evaluation.srum import candidate_seed, judge_candidates, make_reward_judge, sample_candidates
     from evaluation.t2i import row_target
-    from model.batching import Example
     from model.modeling import load_checkpoint
-    from model.sampler import generate
     from model.srum_train import SrumCandidate, train_srum_round
 
     variants = tuple(variants or default_variants(params.srum.judge))
@@ -212,8 +209,7 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
         raise FileNotFoundError(
             f"{init} not found: the ablation starts from srum.init_from ({srum_cfg.init_from}); run `scone pipeline` "
             f"(or `scone train --stage {srum_cfg.init_from}`) first")
-    prompts_path = Path(params.data.root) / "srum_prompts" / "prompts.jsonl"
-    prompts = read_prompts(prompts_path)
+    prompts = read_prompts(Path(params.data.root) / "srum_prompts" / "prompts.jsonl")
     prompt_sets = {"train_prompts": prompts, "heldout_prompts": heldout_prompts(params.data, heldout_per_category)}
     eval_seeds = [params.eval.seed + i for i in range(eval_samples)]
     bridge = srum_cfg.bridge
@@ -229,18 +225,13 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
     judges = {judge.name: judge}
     for name in ("self", "oracle"):  # the controls' judges, and both sides of the agreement figure
         judges.setdefault(name, make_reward_judge(name, model=model, tokenizer=tokenizer))
-    examples = [Example(refs=[], instruction=prompt_text(r)) for r in prompts]
     references = [render_array(row_target(r)) for r in prompts]
 
     per_variant: dict[str, list[dict]] = {v: [] for v in variants}
     agreement = {}
     for seed in seeds:
         k_seeds = [candidate_seed(seed, 1, k) for k in range(srum_cfg.candidates)]
-        images = [generate(model, tokenizer, examples, steps=sampling.steps, cfg_text=sampling.cfg_text,
-                           cfg_image=sampling.cfg_image, seed=s, bridge=False, batch_size=sampling.batch_size)
-                  for s in k_seeds]
-        per_prompt = [[resize_to(to_array(images[k][i]), row_target(r).size) for k in range(len(k_seeds))]
-                      for i, r in enumerate(prompts)]
+        examples, per_prompt = sample_candidates(model, tokenizer, prompts, sampling, k_seeds)
         by_judge = {name: judge_candidates(prompts, per_prompt, j) for name, j in judges.items()}
         records = by_judge[judge.name]
         for name, recs in by_judge.items():

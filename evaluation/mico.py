@@ -26,13 +26,14 @@ be checked against it.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from data.formats.jsonl import read_jsonl
 
 # (lower edge, score), checked top-down: a similarity scores the first band whose edge it reaches.
 IDENTITY_BANDS: tuple[tuple[float, float], ...] = ((0.45, 1.0), (0.30, 0.7), (0.15, 0.5), (0.05, 0.2))
@@ -200,14 +201,7 @@ def read_cases(path: str | Path) -> list[dict]:
             f"{path}: no MICo score file; write one JSON case per line "
             "(category, sources, PF, SR, naturalness, artifacts)"
         )
-    out = []
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
-        if raw.strip():
-            try:
-                out.append(json.loads(raw))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-    return out
+    return read_jsonl(path)
 
 
 def format_mico_table(summary_or_rows, context: bool = False) -> str:

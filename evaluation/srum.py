@@ -509,6 +509,22 @@ def candidate_seed(seed: int, round_index: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, round_index, k]).generate_state(1)[0] % (2**31))
 
 
+def sample_candidates(model, tokenizer, prompts: Sequence, sampling, seeds: Sequence[int]) -> tuple[list, list[list[np.ndarray]]]:
+    """(examples, images) with images[i][k] = prompt i sampled with seeds[k], resized to its target's size."""
+    from model.batching import Example
+    from model.sampler import generate
+
+    examples = [Example(refs=[], instruction=prompt_text(r)) for r in prompts]
+    per_seed = [
+        generate(model, tokenizer, examples, steps=sampling.steps, cfg_text=sampling.cfg_text,
+                 cfg_image=sampling.cfg_image, seed=s, bridge=False, batch_size=sampling.batch_size)
+        for s in seeds  # no references in text-to-image prompts: nothing for the bridge to mask
+    ]
+    images = [[resize_to(to_array(per_seed[k][i]), row_target(r).size) for k in range(len(seeds))]
+              for i, r in enumerate(prompts)]
+    return examples, images
+
+
 def run_round(
     model_dir: str | Path,
     prompts: Sequence,
@@ -532,9 +548,7 @@ def run_round(
     `judge`: a RewardJudge instance; default from srum_cfg.judge (the self judge uses the round's model, the
     openai judge the endpoint settings `openai_cfg`, an evaluation.config.OpenAIJudgeConfig).
     """
-    from model.batching import Example
     from model.modeling import load_checkpoint
-    from model.sampler import generate
     from model.srum_train import SrumCandidate, train_srum_round
 
     if not prompts:
@@ -549,22 +563,16 @@ def run_round(
     grid = model.latent_grid
     if judge is None:
         judge = make_reward_judge(srum_cfg.judge, model=model, tokenizer=tokenizer, openai_cfg=openai_cfg)
-    examples = [Example(refs=[], instruction=prompt_text(r)) for r in prompts]
     seeds = [candidate_seed(srum_cfg.seed, round_index, k) for k in range(srum_cfg.candidates)]
-    per_seed = [
-        generate(model, tokenizer, examples, steps=sampling.steps, cfg_text=sampling.cfg_text,
-                 cfg_image=sampling.cfg_image, seed=s, bridge=False, batch_size=sampling.batch_size)
-        for s in seeds  # no references in text-to-image prompts: nothing for the bridge to mask
-    ]
+    examples, images = sample_candidates(model, tokenizer, prompts, sampling, seeds)
     t_generate = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     records, full_maps, candidates = [], [], []
     for i, row in enumerate(prompts):
-        target = row_target(row)
-        reference = render_array(target)
+        reference = render_array(row_target(row))
         for k, s in enumerate(seeds):
-            arr = resize_to(to_array(per_seed[k][i]), target.size)
+            arr = images[i][k]
             name = f"{_field(row, 'key', f'prompt{i}')}_c{k}.png"
             Image.fromarray(arr).save(image_dir / name)
             rec = reward_record(row, arr, propose_regions(arr, row, max_regions=max_regions), judge,

@@ -20,7 +20,6 @@ not cost a whole round.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import warnings
@@ -183,20 +182,14 @@ def reward_stats(maps: Iterable[np.ndarray] | np.ndarray, regions: Iterable[Any]
 def _read_records(path: Path) -> list[dict]:
     """Records through the format's validating reader; a file with malformed entries is read leniently
     instead (with a warning listing them), so that reward_map skips those entries one by one."""
+    from data.formats.jsonl import read_jsonl
     from data.formats.srum_rewards import RewardFileError, read_rewards
 
     try:
         return read_rewards(path)
     except RewardFileError as e:
         warnings.warn(f"{e}\nreading it leniently: malformed entries are skipped", RewardEntryWarning, stacklevel=3)
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-    return records
+    return read_jsonl(path)
 
 
 def reward_maps_from_jsonl(path: str | Path, width: int, height: int) -> np.ndarray:

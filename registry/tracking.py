@@ -82,7 +82,8 @@ def git_commit(root: Path = Path(".")) -> CodeVersion:
     return CodeVersion(commit, dirty=bool(status))
 
 
-def _md5_file(path: Path) -> str:
+def file_md5(path: Path) -> str:
+    """md5 of a file, read in 1 MiB blocks."""
     h = hashlib.md5()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -128,7 +129,7 @@ def dvc_data_hash(paths: list[str | Path], root: Path = Path(".")) -> str:
             files = [target] if target.is_file() else sorted(f for f in target.rglob("*") if f.is_file())
             h = hashlib.md5()
             for f in files:
-                h.update(f"{f.relative_to(target).as_posix()}\0{_md5_file(f)}\n".encode())
+                h.update(f"{f.relative_to(target).as_posix()}\0{file_md5(f)}\n".encode())
             digest = h.hexdigest()
         lines.append(f"{Path(rel).as_posix()}:{digest}")
     return hashlib.md5("\n".join(sorted(lines)).encode()).hexdigest()

@@ -8,15 +8,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from registry.tracking import file_md5
+
 STAMP = ".inputs.json"
-
-
-def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tree_md5(path: Path) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from data.formats.jsonl import read_jsonl
 from data.records import Case
 from data.render import render
 from data.scene import Scene
@@ -68,18 +69,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows
-
-
 def read_bench(dir: str | Path) -> list[Case]:
     """Cases of a benchmark directory; scene graphs are None when ground_truth.jsonl is absent.
 
@@ -90,9 +79,9 @@ def read_bench(dir: str | Path) -> list[Case]:
     if not data_path.exists():
         raise FileNotFoundError(f"{data_path} not found: expected a SconeEval-layout directory")
     truth_path = root / "ground_truth.jsonl"
-    truth = {t["key"]: t for t in _read_jsonl(truth_path)} if truth_path.exists() else {}
+    truth = {t["key"]: t for t in read_jsonl(truth_path)} if truth_path.exists() else {}
     cases = []
-    for n, row in enumerate(_read_jsonl(data_path), start=1):
+    for n, row in enumerate(read_jsonl(data_path), start=1):
         missing = [f for f in DATA_FIELDS if f not in row]
         if missing:
             raise ValueError(f"{data_path}:{n}: missing fields {missing}")

@@ -272,8 +272,8 @@ class OpenAIJudge:
     # ------------------------------------------------------------------ the judge protocol
 
     def composition(self, case, image) -> tuple[float, float, tuple[str, str]]:
-        shown = self._reference_images(case) + [("Generated image:", self._output_url(image))]
-        pf, sc = self._ask([
+        shown = self._reference_images(case) + [("Generated image:", self.image_url(image))]
+        pf, sc = self.ask([
             Job(case.key, "prompt_following", "prompt following", chat_messages(prompts.prompt_following(case), shown), ScoreAnswer),
             Job(case.key, "subject_consistency", "subject consistency", chat_messages(prompts.subject_consistency(case), shown), ScoreAnswer),
         ])
@@ -285,23 +285,12 @@ class OpenAIJudge:
             raise IndexError(f"case {case.key}: reference index {ref_index} out of range ({len(refs)} input images)")
         if phrase not in case.subject_list[ref_index]:
             raise ValueError(f"case {case.key}: {phrase!r} is not a candidate of image {ref_index + 1} ({case.subject_list[ref_index]})")
-        shown = [("Reference image:", refs[ref_index][1]), ("Target image:", self._output_url(image))]
-        (answer,) = self._ask([
+        shown = [("Reference image:", refs[ref_index][1]), ("Target image:", self.image_url(image))]
+        (answer,) = self.ask([
             Job(case.key, "presence", f"presence of {phrase!r} (image {ref_index + 1})",
                 chat_messages(prompts.presence(case, ref_index, phrase), shown), PresenceAnswer),
         ])
         return int(answer.present), answer.reason
-
-    # ------------------------------------------------------------------ other judges on the same client
-
-    def image_url(self, image) -> str:
-        """The data URL an image is sent as (cached, sized as the config says)."""
-        return self._output_url(image)
-
-    def ask(self, jobs: list[Job]) -> list[Any]:
-        """Validated answers to any requests (e.g. the SRUM reward judge's): cache, concurrency, retries and
-        accounting as for the SconeEval requests."""
-        return self._ask(jobs)
 
     # ------------------------------------------------------------------ accounting
 
@@ -351,15 +340,17 @@ class OpenAIJudge:
             (f"Input image {i + 1}:", image_data_url(im, self.cfg.image_size)) for i, im in enumerate(reference_images(case))
         ])
 
-    def _output_url(self, image) -> str:
+    def image_url(self, image) -> str:
+        """The data URL an image is sent as (cached, sized as the config says); also used by other judges."""
         from evaluation.detect import to_array
 
         arr = to_array(image)
         key = ("output", arr.shape, hashlib.sha256(arr.tobytes()).hexdigest())
         return self._remember(key, lambda: image_data_url(arr, self.cfg.image_size))
 
-    def _ask(self, jobs: list[Job]) -> list[Any]:
-        """Parsed answers to `jobs`, from the cache or the endpoint (all misses in flight together)."""
+    def ask(self, jobs: list[Job]) -> list[Any]:
+        """Parsed answers to `jobs`, from the cache or the endpoint (all misses in flight together). Any
+        judge on this client (e.g. the SRUM reward judge) sends its requests through here."""
         answers: list[Any] = [None] * len(jobs)
         misses = []
         for i, job in enumerate(jobs):
