@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import html
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,11 +85,14 @@ def _open_client(tracking_uri: str, root: Path):
 
     uri = resolve_tracking_uri(tracking_uri, root)
     db = sqlite_path(uri)
+    # the note names the store as configured (relative under the embedded default): the report is an artifact
+    # and must not carry this machine's absolute paths
+    shown = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
     if db is not None and not db.exists():
-        return None, f"MLflow store {db} not found: nothing registered yet"
+        return None, f"MLflow store {shown} not found: nothing registered yet"
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), shown
 
 
 def collect_checkpoints(client, model_name: str) -> list[Checkpoint]:

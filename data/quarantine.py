@@ -3,13 +3,15 @@
 Built and imported Scone-S2I rows pass the same checks (an undecodable or mis-sized image, a wrong image
 count, an empty instruction, a subject label with no subject phrase beside it, a duplicate key); the valid
 rows continue, and a run fails when the quarantined share exceeds `data.quality.max_quarantine_fraction`.
+Validation (data.validate) quarantines with the same checks into `<root>/../validation/quarantine/`, and the
+trainer's loader (model.data_loader) skips the rows listed there.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,17 +33,34 @@ def quarantine_path(cfg: DataConfig, name: str) -> Path:
     return Path(cfg.root) / "quarantine" / f"{name}.parquet"
 
 
+def validation_quarantine_path(root: str | Path, name: str) -> Path:
+    """Rows validation took out of data root `root`: inside the validate stage's DVC output (<root>/../validation)."""
+    return Path(root).parent / "validation" / "quarantine" / f"{name}.parquet"
+
+
+def fix_hint(name: str, *, row: bool = True, kind: str = "scone-s2i") -> str:
+    """What to do about a bad row (row=True) or a bad file of dataset `name`: ours are rebuilt, imports re-imported."""
+    from data.build import ALL_DATASETS  # lazy: only needed on the error path, and the builder pulls in the renderer
+
+    if name in ALL_DATASETS:
+        return f"rebuild it with `scone data build {name}`"
+    what = "fix or drop the row in the source" if row else "fix the source files"
+    return f"{what} and re-import it (`scone data import --kind {kind} SRC --name {name}`)"
+
+
 def _image_problem(data, image_size: int | None) -> str:
     if not isinstance(data, (bytes, bytearray)):
         return f"is {type(data).__name__}, not encoded image bytes"
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            size = img.size
+            size, mode = img.size, img.mode
     except Exception as e:  # the decoder's failure is the finding
         return f"does not decode ({type(e).__name__})"
     if image_size is not None and size != (image_size, image_size):
         return f"is {size[0]}x{size[1]}, expected {image_size}x{image_size}"
+    if image_size is not None and mode != "RGB":  # strict (our own) data is RGB, as the validation suite expects
+        return f"is {mode}, expected RGB"
     return ""
 
 
@@ -93,18 +112,22 @@ class RowFilter:
     min_images: int
     max_images: int
     image_size: int | None = None
+    extra: Callable[[dict], list[str]] | None = None  # further row checks (validation adds its label rules)
     seen: set = field(default_factory=set)
     bad: list = field(default_factory=list)
     total: int = 0
 
     @classmethod
-    def for_config(cls, cfg: DataConfig, *, strict_size: bool = True, min_images: int = 2) -> "RowFilter":
-        return cls(min_images, cfg.max_references + 1, cfg.image_size if strict_size else None)
+    def for_config(cls, cfg: DataConfig, *, strict_size: bool = True, min_images: int = 2,
+                   extra: Callable[[dict], list[str]] | None = None) -> "RowFilter":
+        return cls(min_images, cfg.max_references + 1, cfg.image_size if strict_size else None, extra)
 
     def __call__(self, rows: Iterable[dict]) -> Iterator[dict]:
         for row in rows:
             self.total += 1
             problems = row_problems(row, min_images=self.min_images, max_images=self.max_images, image_size=self.image_size)
+            if self.extra is not None:
+                problems += [p for p in self.extra(row) if p not in problems]
             key = row_key(row)
             if key in self.seen:
                 problems.append(f"duplicate key {key}")
@@ -115,9 +138,10 @@ class RowFilter:
                 yield row
 
 
-def write_quarantine(bad: list[tuple[dict, str]], cfg: DataConfig, name: str) -> Path | None:
-    """Write (row, reason) pairs as parquet; a clean run removes an old file. Returns the path written."""
-    path = quarantine_path(cfg, name)
+def write_quarantine(bad: list[tuple[dict, str]], cfg: DataConfig, name: str, path: Path | None = None) -> Path | None:
+    """Write (row, reason) pairs as parquet (to `path`, default `quarantine_path`); a clean run removes an old
+    file. Returns the path written."""
+    path = Path(path) if path is not None else quarantine_path(cfg, name)
     if not bad:
         if path.exists():
             path.unlink()

@@ -4,17 +4,25 @@ Per-row facts that GX cannot compute itself (images decode at the declared size,
 subject lists) are derived in pandas first, next to a human-readable detail column; the suite then
 expects their values. The report (GX result + readable summary) goes to <cfg.root>/../validation/<name>.json;
 a failed suite raises DataValidationError whose message says which expectation failed, on how many
-rows, with example keys and details.
+rows, with examples naming the shard file, the row and its key, and what to do about it.
+
+Rows of Scone-S2I training datasets that fail a row check (data.quarantine: images, image count,
+instruction, labels, duplicate key) are quarantined to validation/quarantine/<name>.parquet; up to
+data.quality.max_quarantine_fraction of them the dataset passes (with a warning) when its clean rows pass the
+suite, and the trainer skips them. Table-level failures (a missing column, no rows) fail outright.
+`validate_all` validates every dataset before it fails, with one error listing them all.
 """
 from __future__ import annotations
 
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +33,7 @@ from data.build import BENCH, MICO, MIGE, S2I_DATASETS, SRUM, T2I, min_images_of
 from data.config import DataConfig
 from data.formats import scone_s2i
 from data.formats.jsonl import read_jsonl
+from data.quarantine import RowFilter, fix_hint, row_key, validation_quarantine_path, write_quarantine
 from data.records import MICO_TASK_TYPES, MIGE_TASK_TYPES, ROW_COLUMNS, T2I_TASK_TYPES, TASK_TYPES
 from data.scene import Scene
 
@@ -38,6 +47,9 @@ BENCH_BASE_COLUMNS = ("instruction", "input_images")
 TASK_TYPES_OF = {MICO: MICO_TASK_TYPES, MIGE: MIGE_TASK_TYPES, T2I: T2I_TASK_TYPES}
 SRUM_COLUMNS = ("key", "category", "prompt", "target")
 MAX_EXAMPLES = 5
+SHARD, ROW = scone_s2i.SHARD_COLUMN, scone_s2i.ROW_COLUMN
+THRESHOLD_KEY = "data.quality.max_quarantine_fraction"
+log = logging.getLogger(__name__)
 
 
 class DataValidationError(RuntimeError):
@@ -130,6 +142,12 @@ class Suite:
     required: tuple[str, ...]
     expectations: list  # gx expectation objects (only on columns that exist)
     details: dict[str, str]  # derived column -> its detail column
+    fix: str = ""  # what to do about a failure, for the message
+    # training datasets only: the rows as read, the row filter that quarantines, and the suite over other rows
+    rows: list[dict] | None = None
+    row_filter: Callable[[], RowFilter] | None = None
+    rebuild: Callable[[pd.DataFrame], "Suite"] | None = None
+    shard_gaps: dict[str, list[str]] = field(default_factory=dict)  # required column -> shards lacking it
 
 
 def _add_flag(df: pd.DataFrame, name: str, problems: pd.Series) -> None:
@@ -220,10 +238,46 @@ def _common(df: pd.DataFrame, E, task_types=TASK_TYPES) -> list:
     return exp
 
 
-def _read_jsonl_frame(path: Path) -> pd.DataFrame:
+def _read_jsonl_frame(path: Path, root: Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: build the dataset first")
-    return pd.DataFrame(read_jsonl(path))
+    rows = [{**r, SHARD: scone_s2i.shard_name(root, path), ROW: i} for i, r in enumerate(read_jsonl(path))]
+    return pd.DataFrame(rows)
+
+
+def _label_check(row: dict) -> list[str]:
+    """The suite's label rule as a row check, so rows failing it are quarantined like the others."""
+    if row.get("subject_list") is None or row.get("subject_label") is None:
+        return []
+    problem = _labels_problem(row["subject_list"], row["subject_label"])
+    return [f"labels: {problem}"] if problem else []
+
+
+def _shard_gaps(root: Path, name: str, required: Iterable[str]) -> dict[str, list[str]]:
+    """Required columns some shard lacks: a table-level failure even when other shards have the column."""
+    import pyarrow.parquet as pq
+
+    gaps: dict[str, list[str]] = {}
+    for path in scone_s2i.parquet_files(root, name):
+        names = pq.read_schema(path).names
+        for column in required:
+            if column not in names:
+                gaps.setdefault(column, []).append(scone_s2i.shard_name(root, path))
+    return gaps
+
+
+def _s2i_dataset(name: str, cfg: DataConfig, **suite_kwargs) -> Suite:
+    """A training dataset: its suite plus what quarantining its bad rows takes."""
+    root = Path(cfg.root)
+    rows = list(scone_s2i.iter_rows(root, name, with_source=True))
+    make = lambda df: _s2i_suite(df, cfg, **suite_kwargs)  # noqa: E731 (re-run on the clean rows)
+    suite = make(pd.DataFrame(rows))
+    strict = suite_kwargs.get("strict_size", True)
+    suite.rows, suite.rebuild = rows, make
+    suite.row_filter = lambda: RowFilter.for_config(cfg, strict_size=strict, min_images=suite_kwargs.get("min_images", 2), extra=_label_check)
+    suite.shard_gaps = _shard_gaps(root, name, suite.required)
+    suite.fix = fix_hint(name)
+    return suite
 
 
 def _suite_for(name: str, cfg: DataConfig) -> Suite:
@@ -233,19 +287,24 @@ def _suite_for(name: str, cfg: DataConfig) -> Suite:
     if name == "mico":  # MICo has its own input limit (its five-input types)
         cfg = cfg.model_copy(update={"max_references": cfg.mico_max_references})
     if name in S2I_DATASETS:
-        return _s2i_suite(pd.DataFrame(list(scone_s2i.iter_rows(root, name))), cfg, task_types=TASK_TYPES_OF.get(name, TASK_TYPES),
-                          min_images=min_images_of(name))
+        return _s2i_dataset(name, cfg, task_types=TASK_TYPES_OF.get(name, TASK_TYPES), min_images=min_images_of(name))
     if name == BENCH:
-        return _bench_suite(_read_jsonl_frame(root / BENCH / "data.jsonl"), cfg, root / BENCH)
+        suite = _bench_suite(_read_jsonl_frame(root / BENCH / "data.jsonl", root), cfg, root / BENCH)
+        suite.fix = fix_hint(name)
+        return suite
     if name == SRUM:
-        return _srum_suite(_read_jsonl_frame(root / SRUM / "prompts.jsonl"), cfg)
+        suite = _srum_suite(_read_jsonl_frame(root / SRUM / "prompts.jsonl", root), cfg)
+        suite.fix = fix_hint(name)
+        return suite
     if scone_s2i.info_path(root, name).exists():
         from data.records import ALL_TASK_TYPES
 
-        df = pd.DataFrame(list(scone_s2i.iter_rows(root, name)))
-        return _s2i_suite(df, cfg, required=S2I_BASE_COLUMNS, task_types=ALL_TASK_TYPES, strict_size=False)
+        return _s2i_dataset(name, cfg, required=S2I_BASE_COLUMNS, task_types=ALL_TASK_TYPES, strict_size=False)
     if (root / name / "data.jsonl").exists():
-        return _bench_suite(_read_jsonl_frame(root / name / "data.jsonl"), cfg, root / name, required=BENCH_BASE_COLUMNS, all_tasks=False, strict_size=False)
+        suite = _bench_suite(_read_jsonl_frame(root / name / "data.jsonl", root), cfg, root / name, required=BENCH_BASE_COLUMNS,
+                             all_tasks=False, strict_size=False)
+        suite.fix = fix_hint(name, kind="sconeeval")
+        return suite
     raise FileNotFoundError(
         f"dataset {name!r} not found under {root}: neither a built dataset ({(*S2I_DATASETS, BENCH, SRUM)}) nor an "
         f"imported one (parquet_info/{name}.json or {name}/data.jsonl); build or import it first"
@@ -259,6 +318,20 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and value != value)  # NaN: a row without the field
+
+
+def where(row: dict) -> str:
+    """'<shard>, row <n> (key <k>)': which file to open and which row, for a row read with its source."""
+    loc = f"{row[SHARD]}, row {_plain(row[ROW])}" if _present(row.get(SHARD)) else "row ?"
+    if _present(row.get("key")):
+        return f"{loc} (key {row['key']})"
+    if _present(row.get("image")):  # foreign rows without a key: the digest the quarantine file records
+        return f"{loc} (key {row_key(row)})"
+    return loc
+
+
 def _describe_failure(er, suite: Suite) -> dict:
     cfg = er.expectation_config
     column = cfg.kwargs.get("column")
@@ -266,6 +339,8 @@ def _describe_failure(er, suite: Suite) -> dict:
     out = {"expectation": cfg.type, "column": column, "kwargs": {k: v for k, v in cfg.kwargs.items() if k not in ("column", "batch_id")}}
     if er.exception_info and er.exception_info.get("raised_exception"):
         out["error"] = er.exception_info.get("exception_message")
+    if cfg.type == "expect_column_to_exist" and column in suite.shard_gaps:
+        out["shards"] = suite.shard_gaps[column]
     if "unexpected_count" in res:
         out["unexpected_count"] = res["unexpected_count"]
         out["element_count"] = res.get("element_count")
@@ -273,9 +348,8 @@ def _describe_failure(er, suite: Suite) -> dict:
         df = suite.frame
         examples = []
         for i in idx:
-            key = df.at[i, "key"] if "key" in df else f"row {i}"
             detail = df.at[i, suite.details[column]] if column in suite.details else repr(_plain(df.at[i, column]))
-            examples.append(f"{key}: {detail}")
+            examples.append(f"{where(df.loc[i].to_dict())}: {detail}")
         if not examples:
             examples = [repr(v) for v in (res.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]]
         out["examples"] = examples
@@ -284,14 +358,13 @@ def _describe_failure(er, suite: Suite) -> dict:
     return out
 
 
-def _summary_text(name: str, failures: list[dict], n_expectations: int, n_rows: int) -> str:
-    if not failures:
-        return f"{name}: all {n_expectations} expectations passed on {n_rows} rows"
-    lines = [f"{name}: validation FAILED, {len(failures)} of {n_expectations} expectations on {n_rows} rows"]
+def _failure_lines(failures: list[dict]) -> list[str]:
+    lines = []
     for f in failures:
         what = f"{f['expectation']}({f['column']})" if f["column"] else f["expectation"]
         if f["expectation"] == "expect_column_to_exist":
-            lines.append(f"  - {what}: column '{f['column']}' is missing")
+            shards = f" in {', '.join(f['shards'])}" if f.get("shards") else ""
+            lines.append(f"  - {what}: column '{f['column']}' is missing{shards}")
             continue
         if "unexpected_count" in f:
             bounds = ", ".join(f"{k}={v:g}" for k, v in f["kwargs"].items() if k in ("min_value", "max_value") and v is not None)
@@ -305,7 +378,14 @@ def _summary_text(name: str, failures: list[dict], n_expectations: int, n_rows: 
             lines.append(f"      error: {f['error']}")
         for ex in f.get("examples", []):
             lines.append(f"      e.g. {ex}")
-    return "\n".join(lines)
+    return lines
+
+
+def _summary_text(name: str, failures: list[dict], n_expectations: int, n_rows: int) -> str:
+    if not failures:
+        return f"{name}: all {n_expectations} expectations passed on {n_rows} rows"
+    lines = [f"{name}: validation FAILED, {len(failures)} of {n_expectations} expectations on {n_rows} rows"]
+    return "\n".join(lines + _failure_lines(failures))
 
 
 def run_suite(name: str, suite: Suite) -> dict:
@@ -320,27 +400,89 @@ def run_suite(name: str, suite: Suite) -> dict:
     definition = context.validation_definitions.add(gx.ValidationDefinition(name=f"{name}-{n}", data=batch, suite=gx_suite))
     result = definition.run(batch_parameters={"dataframe": suite.frame}, result_format={"result_format": "COMPLETE"})
     failures = [_describe_failure(er, suite) for er in result.results if not er.success]
+    # a required column missing from some shards only: pandas fills it in, so GX alone would not notice
+    failures += [{"expectation": "expect_column_to_exist", "column": c, "kwargs": {}, "shards": shards}
+                 for c, shards in suite.shard_gaps.items() if c in suite.frame]
     return {
         "dataset": name,
         "kind": suite.kind,
-        "success": bool(result.success),
+        "success": not failures,
         "rows": len(suite.frame),
         "statistics": dict(result.statistics),
         "summary": _summary_text(name, failures, len(expectations), len(suite.frame)),
         "failures": failures,
+        "n_expectations": len(expectations),
         "gx_result": json.loads(json.dumps(result.to_json_dict(), default=str)),
     }
 
 
+# ------------------------------------------------------------------ quarantine of training rows
+
+
+def _table_level(failures: list[dict]) -> bool:
+    """Failures no row removal can cure: a missing column, no rows, a missing task type..."""
+    return any("unexpected_count" not in f for f in failures)
+
+
+def _quarantine(name: str, suite: Suite, report: dict, cfg: DataConfig) -> dict:
+    """Take the rows failing a row check out, into validation/quarantine/<name>.parquet; decide on the rest."""
+    qpath = validation_quarantine_path(cfg.root, name)
+    if suite.row_filter is None or _table_level(report["failures"]):
+        write_quarantine([], cfg, name, path=qpath)  # nothing quarantined now: an old file must not hide rows
+        return report
+    keep = suite.row_filter()
+    clean = list(keep(suite.rows))
+    # the file records the key the trainer matches on (a digest for foreign rows without one)
+    bad = [({**row, "key": row_key(row)}, why) for row, why in keep.bad]
+    write_quarantine(bad, cfg, name, path=qpath)
+    if not bad:
+        return report
+    threshold = cfg.quality.max_quarantine_fraction
+    fraction = len(bad) / max(keep.total, 1)
+    report["quarantine"] = {
+        "path": str(qpath), "rows": len(bad), "total": keep.total, "fraction": round(fraction, 6), "threshold": threshold,
+        "keys": [row["key"] for row, _ in bad],
+        "findings": [f"{where(row)}: {why}" for row, why in bad],
+    }
+    share = f"{len(bad)} of {keep.total} rows quarantined ({fraction:.1%} {'>' if fraction > threshold else '<='} {THRESHOLD_KEY}={threshold:g}) to {qpath}"
+    examples = [f"      e.g. {x}" for x in report["quarantine"]["findings"][:MAX_EXAMPLES]]
+    if fraction > threshold:
+        report["success"] = False
+        head = report["summary"] if report["failures"] else f"{name}: validation FAILED on {keep.total} rows"
+        report["summary"] = "\n".join([head, f"  - quarantine: {share}", *examples])
+        return report
+    if report["failures"]:  # every failure may be one of the quarantined rows: the clean rows must pass on their own
+        clean_suite = suite.rebuild(pd.DataFrame(clean))
+        clean_report = run_suite(name, clean_suite)
+        report["raw_failures"], report["failures"] = report["failures"], clean_report["failures"]
+        report["success"] = clean_report["success"]
+    warning = f"WARNING: {share}; training skips them"
+    report["warnings"] = [warning]
+    if report["success"]:
+        head = f"{name}: validation passed on the {len(clean)} clean rows ({report['n_expectations']} expectations)"
+    else:
+        head = (f"{name}: validation FAILED on the clean rows, {len(report['failures'])} of {report['n_expectations']} "
+                f"expectations\n" + "\n".join(_failure_lines(report["failures"])))
+    report["summary"] = "\n".join([head, f"  {warning}", *examples])
+    log.warning("%s: %s", name, warning)
+    return report
+
+
+# ------------------------------------------------------------------ entry points
+
+
 def validate_dataset(name: str, cfg: DataConfig) -> dict:
-    """Run the dataset's suite, write validation/<name>.json; raise DataValidationError when it fails."""
+    """Run the dataset's suite, quarantine a training dataset's bad rows, write validation/<name>.json;
+    raise DataValidationError when it fails."""
     started = time.perf_counter()
     try:
         suite = _suite_for(name, cfg)
     except FileNotFoundError as e:
         report = {"dataset": name, "success": False, "summary": f"{name}: validation FAILED, {e}", "failures": []}
     else:
-        report = run_suite(name, suite)
+        report = _quarantine(name, suite, run_suite(name, suite), cfg)
+        if not report["success"]:
+            report["summary"] += f"\n  fix: {suite.fix}"
     report["seconds"] = round(time.perf_counter() - started, 3)
     out = validation_dir(cfg) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -349,3 +491,19 @@ def validate_dataset(name: str, cfg: DataConfig) -> dict:
     if not report["success"]:
         raise DataValidationError(report["summary"] + f"\n  (full report: {out})", report)
     return report
+
+
+def validate_all(names: Iterable[str], step: Callable[[str], dict]) -> list[dict]:
+    """Run `step` (validate_dataset, or a task that wraps it) on every dataset, even after one fails; then raise
+    one DataValidationError listing every failed dataset (its report: {"datasets": {name: report}})."""
+    done, failed = [], []
+    for name in names:
+        try:
+            done.append(step(name))
+        except DataValidationError as e:
+            failed.append(e)
+    if failed:
+        total = len(done) + len(failed)
+        text = "\n".join([f"validation FAILED for {len(failed)} of {total} datasets:", *(str(e) for e in failed)])
+        raise DataValidationError(text, {"datasets": {e.report.get("dataset"): e.report for e in failed}, "passed": done})
+    return done

@@ -82,13 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write artifacts/reports/index.html")
     _common(p)
 
-    p = sub.add_parser("serve", help="serve the scheduled pipeline deployment locally (Prefect)")
+    p = sub.add_parser("serve", help="serve every deployment of prefect.yaml locally, one run at a time (Prefect)")
     _common(p)
 
     p = sub.add_parser("bench", help="benchmarks; each writes its figures as JSON under artifacts/bench/")
     _common(p)
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("--out", default=None, help="JSON output (default: artifacts/bench/<name>.json)")
+
+    mdl = sub.add_parser("model", help="the BAGEL model family: parity against a fixture, size of a preset")
+    mdl_sub = mdl.add_subparsers(dest="action", required=True)
+    p = mdl_sub.add_parser("parity", help="load FIXTURE/release, compute the case, compare with expected.safetensors")
+    p.add_argument("--fixture", required=True, help="fixture directory (release/, case.json, inputs.safetensors)")
+    p.add_argument("--out", default=None, help="write the computed outputs here (safetensors)")
+    p.add_argument("--device", default="cpu")
+    p = mdl_sub.add_parser("inspect", help="parameters per expert and a ZeRO-3 memory plan of a preset")
+    p.add_argument("--preset", required=True, choices=["tiny", "bagel-7b"])
+    p.add_argument("--gpus", type=int, default=8)
 
     return ap
 
@@ -110,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flows.params import ParamsError
 
+    from model.safe_state import UnsafeCheckpointError
+    from tasks.freshness import DvcError
+    from tasks.lock import ArtifactsLocked
+
     try:
         return _dispatch(args)
-    except ParamsError as e:
+    except (ParamsError, ArtifactsLocked, DvcError, UnsafeCheckpointError) as e:
+        # the message names the file, key or holder and the fix; a traceback would bury it
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, ArtifactsLocked) else 2
 
 
 def _params(args):
@@ -125,6 +140,14 @@ def _params(args):
 
 def _dispatch(args) -> int:
     cmd = args.command
+    if cmd == "model":
+        if args.action == "parity":
+            from model.bagel.parity import run as parity
+
+            return parity(Path(args.fixture), Path(args.out) if args.out else None, device=args.device)
+        from model.bagel.inspect import run as inspect_preset
+
+        return inspect_preset(args.preset, args.gpus)
     if cmd == "eval" and args.action == "aggregate":
         from evaluation.sconeeval import aggregate_command
 
@@ -142,6 +165,25 @@ def _dispatch(args) -> int:
         return 0
 
     params = _params(args)
+    if cmd in WRITERS:
+        from tasks.lock import artifacts_lock
+        from tasks.paths import Paths
+
+        from tasks.atomic import clear_staging
+
+        root = Paths.from_params(params).root
+        with artifacts_lock(root, command=f"scone {' '.join(sys.argv[1:]) or cmd}"):
+            clear_staging(root)
+            return _run(args, params)
+    return _run(args, params)
+
+
+# Commands that write under the artifacts folder hold its lock (tasks/lock.py); the flows take it themselves.
+WRITERS = ("data", "train", "eval", "srum", "register", "report", "bench")
+
+
+def _run(args, params) -> int:
+    cmd = args.command
     if cmd == "pipeline":
         from flows.pipeline import scone_pipeline
 
@@ -152,6 +194,22 @@ def _dispatch(args) -> int:
 
         print(json.dumps(import_step(params, args.kind, args.path, args.name, track=not args.no_dvc), indent=1,
                          default=str))
+        return 0
+    if cmd == "data" and args.action == "validate":
+        from data.validate import DataValidationError, validate_all
+        from tasks import datasets
+
+        def validate(name: str) -> dict:
+            summary = datasets.validate_step(params, name)
+            print(json.dumps(summary, indent=1, default=str))
+            return summary
+
+        # every dataset is checked (and its report written) before one combined error lists all failures
+        try:
+            validate_all(datasets.all_names() if args.name == "all" else [args.name], validate)
+        except DataValidationError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
     if cmd == "data":
         from tasks import datasets
@@ -182,11 +240,11 @@ def _dispatch(args) -> int:
         srum_flow(params_path=args.params, overrides=args.overrides, rounds=args.rounds)
         return 0
     if cmd == "register":
-        from tasks.register import register_step
-        from tasks.paths import checkpoint_names
+        from tasks.register import register_all_step, register_step
 
-        for name in args.names or checkpoint_names(params):
-            print(json.dumps(register_step(params, name), indent=1, default=str))
+        records = [register_step(params, n) for n in args.names] if args.names else register_all_step(params)
+        for record in records:
+            print(json.dumps(record, indent=1, default=str))
         return 0
     if cmd == "report":
         from tasks.report import report_step

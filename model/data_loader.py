@@ -9,9 +9,15 @@ chunks that k ranks see in one micro step.
 
 Rows are read once per process and turned into examples (decoded images) by the model's batching code;
 the datasets are small, so the decoded examples stay cached in memory for later stages of the same process.
+
+Only clean rows are trained on: rows validation quarantined (validation/quarantine/<name>.parquet next to
+the data root) are skipped, and a row that still fails to decode here is quarantined too, as long as the
+share of the dataset lost stays within max_quarantine_fraction; past it, DataDecodeError names the dataset,
+the shard file, the row and its key, and the fix.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,12 +26,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from data.formats import scone_s2i
+from data.quarantine import fix_hint, row_key, row_problems, validation_quarantine_path, write_quarantine
 
 # Scone-S2I-57K has image + instruction; our datasets add metadata (qa feeds the understanding loss).
 REQUIRED_COLUMNS = ("image", "instruction")
 OPTIONAL_COLUMNS = ("key", "qa")
 
 _EXAMPLE_CACHE: dict[tuple, list] = {}
+log = logging.getLogger(__name__)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -44,35 +52,121 @@ def dataset_files(root: str | Path, name: str) -> list[Path]:
     return files
 
 
-def read_rows(root: str | Path, name: str) -> list[dict]:
-    """All rows of a dataset as dicts (image: list of encoded bytes, last = target; instruction; qa...)."""
-    rows: list[dict] = []
+class DataDecodeError(ValueError):
+    """More rows of a dataset fail to decode than data.quality.max_quarantine_fraction allows."""
+
+
+def _shard_rows(root: str | Path, name: str):
+    """(shard name, index in the shard, row) for every row of a dataset, shard by shard."""
     for path in dataset_files(root, name):
+        shard = scone_s2i.shard_name(root, path)
         names = pq.ParquetFile(path).schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; a Scone-S2I shard needs {list(REQUIRED_COLUMNS)}")
+            raise ValueError(f"dataset {name}, {shard}: missing column(s) {missing}; a Scone-S2I shard needs "
+                             f"{list(REQUIRED_COLUMNS)}; {fix_hint(name, row=False)}")
         cols = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
-        rows.extend(pq.read_table(path, columns=cols).to_pylist())
-    return rows
+        for index, row in enumerate(pq.read_table(path, columns=cols).to_pylist()):
+            yield shard, index, row
+
+
+def read_rows(root: str | Path, name: str) -> list[dict]:
+    """All rows of a dataset as dicts (image: list of encoded bytes, last = target; instruction; qa...)."""
+    return [row for _, _, row in _shard_rows(root, name)]
+
+
+def quarantined_rows(root: str | Path, name: str) -> set[tuple]:
+    """(shard, row index, key) of the rows validation quarantined. By position as well as key, so that of two
+    rows sharing a key only the quarantined (second) one is left out; (None, None, key) where unknown."""
+    path = validation_quarantine_path(root, name)
+    if not path.exists():
+        return set()
+    table = pq.read_table(path)
+    cols = table.column_names
+    out = set()
+    for rec in table.select([c for c in (scone_s2i.SHARD_COLUMN, scone_s2i.ROW_COLUMN, "key") if c in cols]).to_pylist():
+        row = rec.get(scone_s2i.ROW_COLUMN)
+        out.add((rec.get(scone_s2i.SHARD_COLUMN), int(row) if row is not None else None, rec.get("key")))
+    return out
 
 
 def _fingerprint(root: str | Path, name: str) -> tuple:
-    # a rebuilt dataset (new files or new contents) must not be served from the cache
-    return tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in dataset_files(root, name))
+    # a rebuilt dataset (new files or new contents) or a new quarantine list must not be served from the cache
+    files = [*dataset_files(root, name), validation_quarantine_path(root, name)]
+    return tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.exists())
 
 
-def load_examples(root: str | Path, names: Sequence[str], examples_from_rows: Callable[[list[dict]], list]) -> list:
-    """Examples of the datasets `names`, concatenated in that order; decoded once per process."""
+def _where(name: str, shard: str, index: int, key: str) -> str:
+    return f"dataset {name}, {shard}, row {index} (key {key})"
+
+
+def _decode_problem(row: dict, error: Exception) -> str:
+    """Why a row does not decode: the row checks say which image when they can, else the error itself."""
+    problems = row_problems(row, min_images=1, max_images=len(row.get("image") or ()) or 1)
+    return "; ".join(problems) if problems else f"{type(error).__name__}: {error}"
+
+
+def _decode_rows(rows: list[dict], sources: list[tuple], examples_from_rows) -> tuple[list, list]:
+    """Examples, and (row, source, reason) of the rows that fail. Decodes all rows at once (the usual case);
+    only when that fails, row by row to find the culprits."""
+    try:
+        return list(examples_from_rows(rows)), []
+    except Exception:  # noqa: BLE001 (any failure of the model's decoding is a finding about some row)
+        pass
+    examples, bad = [], []
+    for row, source in zip(rows, sources):
+        try:
+            examples.extend(examples_from_rows([row]))
+        except Exception as e:  # noqa: BLE001
+            bad.append((row, source, _decode_problem(row, e)))
+    return examples, bad
+
+
+def _load_dataset(root, name: str, examples_from_rows, max_fraction: float, quarantine_dir) -> list:
+    skip = quarantined_rows(root, name)
+    rows, sources, skipped = [], [], 0
+    for shard, index, row in _shard_rows(root, name):
+        key = row_key(row)
+        if (shard, index, key) in skip or (None, None, key) in skip:
+            skipped += 1
+            continue
+        rows.append(row)
+        sources.append((shard, index, key))
+    examples, bad = _decode_rows(rows, sources, examples_from_rows)
+    total, lost = len(rows) + skipped, skipped + len(bad)
+    findings = [f"{_where(name, *source)}: {reason}" for _, source, reason in bad]
+    if bad and lost / max(total, 1) > max_fraction:
+        more = "".join(f"\n  {f}" for f in findings[1:6])
+        raise DataDecodeError(
+            f"{findings[0]}; {fix_hint(name)}\n  {lost} of {total} rows unusable ({lost / total:.1%} > "
+            f"data.quality.max_quarantine_fraction={max_fraction:g}: {skipped} quarantined by validation, "
+            f"{len(bad)} failing to decode now){more}")
+    if bad:
+        log.warning("dataset %s: %d row(s) fail to decode and are left out (%d of %d rows unusable, within "
+                    "data.quality.max_quarantine_fraction=%g):\n  %s", name, len(bad), lost, total, max_fraction,
+                    "\n  ".join(findings))
+        if quarantine_dir is not None:
+            records = [({**row, scone_s2i.SHARD_COLUMN: shard, scone_s2i.ROW_COLUMN: index, "key": key}, reason)
+                       for row, (shard, index, key), reason in bad]
+            write_quarantine(records, None, name, path=Path(quarantine_dir) / f"{name}.parquet")
+    if not examples:
+        raise ValueError(f"dataset {name!r} under {root} has no rows" + (f" ({skipped} quarantined by validation)" if skipped else ""))
+    return examples
+
+
+def load_examples(root: str | Path, names: Sequence[str], examples_from_rows: Callable[[list[dict]], list], *,
+                  max_quarantine_fraction: float = 0.05, quarantine_dir: str | Path | None = None) -> list:
+    """Examples of the clean rows of datasets `names`, concatenated in that order; decoded once per process.
+
+    Rows that fail to decode are left out (and written to `quarantine_dir`/<name>.parquet when given; the
+    default writes nothing, since every rank runs this and one of them should) unless, with the rows
+    validation quarantined, more than `max_quarantine_fraction` of the dataset is lost: DataDecodeError."""
     out: list = []
     for name in names:
         key = (_fingerprint(root, name), getattr(examples_from_rows, "__module__", ""),
-               getattr(examples_from_rows, "__qualname__", repr(examples_from_rows)))
+               getattr(examples_from_rows, "__qualname__", repr(examples_from_rows)), max_quarantine_fraction)
         if key not in _EXAMPLE_CACHE:
-            examples = list(examples_from_rows(read_rows(root, name)))
-            if not examples:
-                raise ValueError(f"dataset {name!r} under {root} has no rows")
-            _EXAMPLE_CACHE[key] = examples
+            _EXAMPLE_CACHE[key] = _load_dataset(root, name, examples_from_rows, max_quarantine_fraction, quarantine_dir)
         out.extend(_EXAMPLE_CACHE[key])
     return out
 

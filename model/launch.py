@@ -26,9 +26,14 @@ class StageLaunchError(RuntimeError):
     """The torchrun workers of a stage failed; the message carries the tail of their log."""
 
 
+def _rel(path: str | Path) -> str:
+    return os.path.relpath(Path(path).resolve(), Path.cwd())
+
+
 def write_run_config(stage_name: str, stage: StageConfig, train: TrainConfig, model_cfg: ModelConfig,
                      data_root: str | Path, out_dir: str | Path, init_checkpoint: str | Path | None,
-                     num_ranks: int, progress: bool = True, model_family: str = DEFAULT_FAMILY) -> Path:
+                     num_ranks: int, progress: bool = True, model_family: str = DEFAULT_FAMILY,
+                     max_quarantine_fraction: float = 0.05) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = {
@@ -36,13 +41,15 @@ def write_run_config(stage_name: str, stage: StageConfig, train: TrainConfig, mo
         "stage": stage.model_dump(mode="json"),
         "train": train.model_dump(mode="json"),
         "model": model_cfg.model_dump(mode="json"),
-        # absolute, so workers started from any directory find the same files
-        "data_root": str(Path(data_root).resolve()),
-        "out_dir": str(out_dir.resolve()),
-        "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
+        # relative to the launching directory, where torchrun starts the workers too: the file stays valid in a
+        # moved or cloned checkout
+        "data_root": _rel(data_root),
+        "out_dir": _rel(out_dir),
+        "init_checkpoint": _rel(init_checkpoint) if init_checkpoint else None,
         "num_ranks": num_ranks,
         "progress": progress,
         "model_family": model_family,
+        "max_quarantine_fraction": max_quarantine_fraction,
     }
     path = out_dir / RUN_CONFIG
     path.write_text(json.dumps(cfg, indent=2) + "\n")
@@ -65,6 +72,7 @@ def read_run_config(path: str | Path) -> dict:
         "init_checkpoint": cfg["init_checkpoint"],
         "progress": cfg["progress"],
         "model_family": cfg["model_family"],
+        "max_quarantine_fraction": cfg.get("max_quarantine_fraction", 0.05),
     }
 
 
@@ -108,7 +116,8 @@ def _run_torchrun(cmd: list[str], log_path: Path, echo: bool, num_ranks: int = 1
 
 def run_stage(stage_name: str, stage: StageConfig, train: TrainConfig, model_cfg: ModelConfig,
               data_root: str | Path, out_dir: str | Path, init_checkpoint: str | Path | None = None,
-              num_ranks: int | None = None, progress: bool = True, *, model_family: str = DEFAULT_FAMILY) -> dict:
+              num_ranks: int | None = None, progress: bool = True, *, model_family: str = DEFAULT_FAMILY,
+              max_quarantine_fraction: float = 0.05) -> dict:
     """Train `stage_name` on `num_ranks` ranks (default train.num_ranks) and return its summary."""
     num_ranks = num_ranks or train.num_ranks
     if num_ranks < 1:
@@ -121,7 +130,7 @@ def run_stage(stage_name: str, stage: StageConfig, train: TrainConfig, model_cfg
     if done is not None:
         return done
     run_config = write_run_config(stage_name, stage, train, model_cfg, data_root, out_dir, init_checkpoint,
-                                  num_ranks, progress, model_family)
+                                  num_ranks, progress, model_family, max_quarantine_fraction)
     if num_ranks == 1:
         return train_stage(**read_run_config(run_config))
     _run_torchrun(torchrun_command(run_config, num_ranks), out_dir / WORKER_LOG, echo=progress, num_ranks=num_ranks)

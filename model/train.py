@@ -10,8 +10,12 @@
 - `ds_state/`: resumable DeepSpeed state every `train.save_every` steps, with the step and the data-stream
   position as client state. A killed run re-run with the same arguments continues from there, with the
   same data order and the same per-step noise, so it ends on the weights of an uninterrupted run;
-- `run_settings.json`: what the run depends on (configs, world size, data files, the init checkpoint's
-  weights); resuming or re-running with other settings raises `RunSettingsMismatch`.
+- `run_settings.json`: what the run depends on (configs, world size, the data files' contents, the init
+  checkpoint's weights, the model code); resuming or re-running with other settings raises `RunSettingsMismatch`.
+
+`out_dir` is the stage's working folder: the pipeline trains in `artifacts/work/train/<stage>` and publishes
+only the finished weights (tasks/train_stage.py), so the resumable state never enters a DVC output. The state
+is loaded without unpickling code (model.safe_state): a crafted pickle in `ds_state/` is refused.
 
 The loop is model-agnostic: a `ModelFamily` (import path "module:attribute") supplies the model, the
 tokenizer and the batching. The default is the Scone model of this package.
@@ -144,6 +148,18 @@ def noise_seed(seed: int, step: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1)[0])
 
 
+def _files_digest(files) -> str:
+    from model.safe_state import file_digest
+
+    return file_digest(files)
+
+
+def code_digest() -> str:
+    """Digest of the model package's source: a resumed run must continue with the code that started it."""
+    root = Path(__file__).resolve().parent
+    return _files_digest(sorted(root.rglob("*.py")))
+
+
 def weights_digest(checkpoint: Path, prefix_bytes: int = 64 << 20) -> str:
     """Identity of a checkpoint's weights: retraining changes the leading bytes of every weight file, while a
     copy or a DVC checkout of the same file does not (unlike mtimes). Reads at most `prefix_bytes` per file."""
@@ -159,19 +175,20 @@ def run_settings(stage_name: str, stage: StageConfig, train: TrainConfig, model_
                  data_root: str | Path, init_checkpoint: str | Path | None, world_size: int, family: str) -> dict:
     """Everything the stage's result depends on (not: logging and checkpoint intervals)."""
     t = train.model_dump(mode="json", exclude={"stages", "num_ranks", "log_every", "save_every"})
-    data = {name: [[p.name, p.stat().st_size] for p in data_loader.dataset_files(data_root, name)]
-            for name in stage.datasets}
+    # contents, not sizes: a same-size corruption or rebuild must not resume a run made on other data
+    data = {name: _files_digest(data_loader.dataset_files(data_root, name)) for name in stage.datasets}
     return {
         "stage_name": stage_name,
         "stage": stage.model_dump(mode="json"),
         "train": t,
         "model": model_cfg.model_dump(mode="json"),
         "world_size": world_size,
-        "init_checkpoint": str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
-        # a retrained previous stage makes this stage's result stale
+        # the init checkpoint by content only: a moved or cloned checkout resumes the same run
+        "init_checkpoint": bool(init_checkpoint),
         "init_weights": weights_digest(Path(init_checkpoint)) if init_checkpoint else None,
         "data": data,
         "model_family": family,
+        "code": code_digest(),
     }
 
 
@@ -305,6 +322,7 @@ def train_stage(
     progress: bool = True,
     *,
     model_family: str = DEFAULT_FAMILY,
+    max_quarantine_fraction: float = 0.05,
 ) -> dict:
     """Train one stage on the ranks of the current process group (or alone) and return its summary.
 
@@ -346,7 +364,10 @@ def train_stage(
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
     batches = data_loader.StageBatches(
-        data_loader.load_examples(data_root, stage.datasets, family.examples_from_rows),
+        # rows that fail to decode are left out below data.quality.max_quarantine_fraction; rank 0 records them
+        data_loader.load_examples(data_root, stage.datasets, family.examples_from_rows,
+                                  max_quarantine_fraction=max_quarantine_fraction,
+                                  quarantine_dir=out_dir / "quarantine" if rank == 0 else None),
         lambda examples: family.collate(examples, tokenizer, model_cfg),
         seed=train.seed,
         sharding=sharding,
@@ -359,7 +380,9 @@ def train_stage(
     eng.train()  # from_pretrained hands back a model in eval mode (no condition dropout)
     client: dict = {}
     if (state_dir / "latest").exists():
-        _, client = eng.load_checkpoint(str(state_dir))
+        from model.safe_state import load_engine_state
+
+        _, client = load_engine_state(eng, state_dir)
         client = client or {}
     engine_init_s = time.perf_counter() - t_engine
     step = resumed_from = int(client.get("step", 0))

@@ -80,6 +80,17 @@ def version_metrics(client: MlflowClient, mv: ModelVersion) -> dict[str, float]:
     return metrics
 
 
+def update_version_metrics(tracker: Tracker, mv: ModelVersion, metrics: Mapping[str, float]) -> None:
+    """Recomputed scores of already registered weights: the run gets the new values as the next point of each
+    metric's history (the UI shows the latest), the version's metric tags are replaced."""
+    client = tracker.client
+    if mv.run_id:
+        history = client.get_metric_history(mv.run_id, next(iter(metrics))) if metrics else []
+        tracker.log_metrics(mv.run_id, metrics, step=max((m.step for m in history), default=0) + 1)
+    for key, value in metrics.items():
+        client.set_model_version_tag(mv.name, mv.version, METRIC_TAG_PREFIX + key, repr(float(value)))
+
+
 def register_checkpoint(
     tracker: Tracker,
     run_id: str,
@@ -88,6 +99,7 @@ def register_checkpoint(
     metrics: Mapping[str, float],
     description: str = "",
     eval_summary: Path | None = None,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> RegisteredVersion:
     """Log the checkpoint files to `run_id`, create a model version from them and point `candidate` at it.
 
@@ -113,10 +125,10 @@ def register_checkpoint(
     tags = {k: run.data.tags[k] for k in _RUN_TAGS_TO_VERSION if k in run.data.tags}
     tags.update({METRIC_TAG_PREFIX + k: repr(float(v)) for k, v in metrics.items()})
     if eval_summary is not None:
-        eval_summary = Path(eval_summary).resolve()
         client.log_artifact(run_id, str(eval_summary), "eval")
-        tags[TAG_EVAL_SUMMARY] = str(eval_summary)
+        tags[TAG_EVAL_SUMMARY] = f"{run.info.artifact_uri}/eval/{Path(eval_summary).name}"
 
+    tags.update(extra_tags or {})
     ensure_registered_model(client, model_name)
     source = f"{run.info.artifact_uri}/{CHECKPOINT_ARTIFACT_PATH}"
     mv = client.create_model_version(model_name, source, run_id=run_id, tags=tags, description=description or None)

@@ -54,6 +54,31 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+def relative_store_locations(tracking_uri: str, cwd: Path | None = None) -> int:
+    """Make the experiments' artifact locations of a SQLite store relative to the working directory.
+
+    MLflow stores absolute paths, so a moved or cloned checkout would keep writing into the old place. Runs,
+    logged artifacts and model-version sources derive from the experiment's location, so relative locations make
+    the whole embedded store relocatable (MLflow resolves them against the working directory: the repo root, where
+    every command of the chain runs). Locations outside `cwd` stay as they are. Returns how many were changed."""
+    import sqlite3
+
+    db = sqlite_path(tracking_uri)
+    if db is None or not db.exists():
+        return 0
+    cwd = Path(cwd or Path.cwd()).resolve()
+    changed = 0
+    with sqlite3.connect(db) as con:
+        for exp_id, location in con.execute("select experiment_id, artifact_location from experiments").fetchall():
+            path = Path(location.removeprefix("file://")) if location else None
+            if path is None or not path.is_absolute() or not path.is_relative_to(cwd):
+                continue
+            con.execute("update experiments set artifact_location = ? where experiment_id = ?",
+                        (path.relative_to(cwd).as_posix(), exp_id))
+            changed += 1
+    return changed
+
+
 def _is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
@@ -189,6 +214,7 @@ class Tracker:
                 self._experiment_id = self.client.create_experiment(
                     self.cfg.experiment, artifact_location=self.artifact_location
                 )
+                relative_store_locations(self.tracking_uri)
             else:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id

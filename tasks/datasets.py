@@ -1,26 +1,67 @@
-"""Build and validate the DVC-versioned datasets."""
+"""Build and validate the DVC-versioned datasets.
+
+A dataset is built under a staging data root and its files (shards + index, or the benchmark / prompt folder,
+and its build quarantine) replace the old ones only when the build has succeeded.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import task
 
-from tasks.paths import DATASETS
+from tasks.atomic import publish, replace_path, staged
+from tasks.paths import DATASETS, Paths
 
 
 def all_names() -> list[str]:
     return list(DATASETS)
 
 
+def dataset_outputs(name: str) -> list[str]:
+    """The paths (relative to the data root) that building `name` writes."""
+    from data.build import BENCH, S2I_DATASETS, SRUM
+
+    if name in S2I_DATASETS:
+        return [f"parquet_data/{name}", f"parquet_info/{name}.json"]
+    if name in (BENCH, SRUM):
+        return [name]
+    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+
+
+def _staged_config(cfg, tmp: Path):
+    """The data config with its root in staging; the LLM answer cache stays where it lives (not rebuilt)."""
+    from data.llm_writer import default_cache_dir
+
+    llm = cfg.llm.model_copy(update={"cache_dir": str(default_cache_dir(cfg))})
+    return cfg.model_copy(update={"root": str(tmp), "llm": llm})
+
+
 def build_step(params, name: str) -> dict:
     from data.build import build_dataset
 
-    return build_dataset(name, params.data)
+    paths = Paths.from_params(params)
+    outputs = dataset_outputs(name)
+    with staged(paths.root, f"data-{name}") as tmp:
+        summary = build_dataset(name, _staged_config(params.data, tmp))
+        publish([(tmp / rel, paths.data / rel) for rel in outputs])
+        quarantine = Path("quarantine") / f"{name}.parquet"
+        if (tmp / quarantine).exists():
+            replace_path(tmp / quarantine, paths.data / quarantine)
+        else:  # a clean build leaves no quarantine of an older one behind
+            (paths.data / quarantine).unlink(missing_ok=True)
+    summary["files"] = [str(paths.data / Path(f).relative_to(tmp)) for f in summary.get("files", [])]
+    return summary
 
 
 def validate_step(params, name: str) -> dict:
     """Great Expectations suite, then the data card (counts, size histogram, lengths, contact sheet)."""
     from data.card import write_card
+    from data.quarantine import validation_quarantine_path
     from data.validate import validate_dataset
 
+    # always there, empty or not: the training stages depend on this folder (and not on the reports, whose
+    # timings differ on every run)
+    validation_quarantine_path(params.data.root, name).parent.mkdir(parents=True, exist_ok=True)
     summary = validate_dataset(name, params.data)
     summary["card"] = write_card(name, params.data)
     return summary

@@ -49,6 +49,18 @@ class Paths:
     def bench(self) -> Path:
         return self.root / "bench"
 
+    @property
+    def work(self) -> Path:
+        """Resumable working state (DeepSpeed optimizer state, worker logs): outside every DVC output."""
+        return self.root / "work"
+
+    def train_work(self, stage: str) -> Path:
+        return self.work / "train" / stage
+
+    @property
+    def registry_records(self) -> Path:
+        return self.metrics / "registry"
+
     def checkpoint(self, name: str) -> Path:
         return self.checkpoints / name
 

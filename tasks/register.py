@@ -1,16 +1,28 @@
-"""Register a checkpoint in MLflow (run + model version with metrics, params, data and code version), then gate it."""
+"""Register a checkpoint in MLflow (run + model version with metrics, params, data and code version), then gate it.
+
+Idempotent: weights that are already registered keep their version. When their scores were recomputed (an
+evaluation code or settings change), the version gets the new metrics and is gated again, so the registry shows
+what the current code measures. Concurrent registers are serialised by the artifacts lock (tasks.lock).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from prefect import task
 
+from registry.tracking import file_md5
+from tasks.atomic import write_json
 from tasks.checkpoints import data_dirs, is_srum, srum_index, stage_of
 from tasks.paths import Paths
-from tasks.stamps import file_md5
 
 TAG_WEIGHTS_MD5 = "checkpoint.weights_md5"
+TAG_METRICS_MD5 = "checkpoint.metrics_md5"
+
+
+def metrics_digest(metrics: dict[str, float]) -> str:
+    return hashlib.md5(json.dumps(metrics, sort_keys=True).encode()).hexdigest()
 
 
 def _already_registered(client, model_name: str, weights_md5: str):
@@ -45,7 +57,7 @@ def checkpoint_metrics(params, name: str) -> dict[str, float]:
 
 
 def register_step(params, name: str) -> dict:
-    from registry.gate import apply_gate
+    from registry.gate import TAG_DECISION, apply_gate
     from registry.models import register_checkpoint
     from registry.tracking import Tracker, dvc_data_hash
 
@@ -56,12 +68,10 @@ def register_step(params, name: str) -> dict:
         raise FileNotFoundError(f"{weights} not found: train checkpoint {name!r} first")
     metrics = checkpoint_metrics(params, name)
     tracker = Tracker(params.registry, Path("."))
-    md5 = file_md5(weights)
-    existing = _already_registered(tracker.client, params.registry.model_name, md5)
-    if existing is not None:  # `dvc repro` after the pipeline: same weights, same version
-        record = {"name": name, "version": existing.version, "run_id": existing.run_id,
-                  "decision": existing.tags.get("gate.decision"), "reused": True}
-    else:
+    md5, scores_md5 = file_md5(weights), metrics_digest(metrics)
+    model_name = params.registry.model_name
+    existing = _already_registered(tracker.client, model_name, md5)
+    if existing is None:
         with tracker.run(name, data_hash=dvc_data_hash(data_dirs(params, name), Path("."))) as run_id:
             stage = stage_of(params, name)
             tracker.log_params(run_id, {"model": params.model.model_dump(), "train": params.train.model_dump(exclude={"stages"}),
@@ -70,20 +80,41 @@ def register_step(params, name: str) -> dict:
             if (ckpt / "metrics.jsonl").exists():
                 tracker.log_metrics_file(run_id, ckpt / "metrics.jsonl")
             tracker.set_tags(run_id, {TAG_WEIGHTS_MD5: md5})
+            # the identity tags are part of the version's creation: a kill right after it still finds it
             version = register_checkpoint(
-                tracker, run_id, ckpt, params.registry.model_name, metrics,
+                tracker, run_id, ckpt, model_name, metrics,
                 description=f"{name}: SconeEval Overall {metrics.get('sconeeval.overall', float('nan')):.3f}",
                 eval_summary=paths.score_dir(name) / name / "summary.json",
+                extra_tags={TAG_WEIGHTS_MD5: md5, TAG_METRICS_MD5: scores_md5},
             )
-            tracker.client.set_model_version_tag(params.registry.model_name, version.version, TAG_WEIGHTS_MD5, md5)
-            decision = apply_gate(tracker.client, params.registry.model_name, version.version, params.registry.gate)
-        record = {"name": name, "version": version.version, "run_id": run_id, "decision": decision.decision,
-                  "reasons": decision.reasons, "reused": False}
+        existing = tracker.client.get_model_version(model_name, version.version)
+        fresh = True
+    else:
+        fresh = False
+        if existing.tags.get(TAG_METRICS_MD5) != scores_md5:  # same weights, recomputed scores
+            from registry.models import update_version_metrics
+
+            update_version_metrics(tracker, existing, metrics)
+            tracker.client.set_model_version_tag(model_name, existing.version, TAG_METRICS_MD5, scores_md5)
+    if fresh or existing.tags.get(TAG_METRICS_MD5) != scores_md5 or TAG_DECISION not in existing.tags:
+        # a new version, new scores, or a version whose gating was interrupted: decide (again)
+        decision = apply_gate(tracker.client, model_name, existing.version, params.registry.gate)
+        record = {"name": name, "version": existing.version, "run_id": existing.run_id, "decision": decision.decision,
+                  "reasons": decision.reasons, "reused": not fresh}
+    else:  # nothing new to record
+        record = {"name": name, "version": existing.version, "run_id": existing.run_id,
+                  "decision": existing.tags.get(TAG_DECISION), "reused": True}
     record["metrics"] = metrics
-    out = paths.metrics / "registry"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str))
+    write_json(paths.registry_records / f"{name}.json", record)
     return record
 
 
+def register_all_step(params) -> list[dict]:
+    """Every checkpoint of the chain, in chain order (the gate compares each with the champion before it)."""
+    from tasks.paths import checkpoint_names
+
+    return [register_step(params, name) for name in checkpoint_names(params)]
+
+
 register_task = task(register_step, name="register", task_run_name="register-{name}")
+register_all_task = task(register_all_step, name="register_all")

@@ -1,17 +1,19 @@
-"""One SRUM self-reward round: generate -> propose regions -> self-judge -> reward maps -> reward-weighted training."""
-from __future__ import annotations
+"""One SRUM self-reward round: generate -> propose regions -> self-judge -> reward maps -> reward-weighted training.
 
-import json
+The round's folder (`artifacts/srum/round_k/`) and its checkpoint (`artifacts/checkpoints/srum_roundk/`) are
+written in staging and replace the previous ones together, only when the round has finished.
+"""
+from __future__ import annotations
 
 from prefect import task
 
+from tasks.atomic import publish, repoint_json, staged
 from tasks.paths import Paths, srum_name
-from tasks.stamps import file_md5, is_fresh, tree_md5, write_stamp
 
 
 def srum_round_step(params, index: int) -> dict:
-    from evaluation.srum import run_round
     from data.formats.srum_prompts import read_prompts
+    from evaluation.srum import run_round
 
     if index < 1:
         raise ValueError(f"SRUM rounds count from 1, got {index}")
@@ -19,27 +21,27 @@ def srum_round_step(params, index: int) -> dict:
     init = paths.checkpoint(params.srum.init_from if index == 1 else srum_name(index - 1))
     if not (init / "config.json").exists():
         raise FileNotFoundError(f"SRUM round {index} starts from {init}, which does not exist: train it first")
-    ckpt = paths.checkpoint(srum_name(index))
-    round_dir = paths.srum_round(index)
-    inputs = {"init": file_md5(init / "model.safetensors"), "srum": params.srum.model_dump(),
-              "sampling": params.eval.sampling.model_dump(), "prompts": tree_md5(paths.data / "srum_prompts")}
-    if is_fresh(round_dir, inputs, [ckpt / "model.safetensors", round_dir / "summary.json"]):
-        print(f"SRUM round {index}: up to date (same start checkpoint, prompts and srum params)")
-        return json.loads((round_dir / "summary.json").read_text())
-    summary = run_round(
-        init,
-        read_prompts(paths.data / "srum_prompts" / "prompts.jsonl"),
-        params.srum,
-        params.eval.sampling,
-        paths.srum,
-        index,
-        ckpt_dir=ckpt,
-        model_cfg=params.model,
-        train_cfg=params.train,
-        openai_cfg=params.eval.openai,
-        progress=True,
-    )
-    write_stamp(round_dir, inputs)
+    name = srum_name(index)
+    with staged(paths.root, name) as tmp:
+        srum_root, ckpt = tmp / "rounds", tmp / "checkpoint"  # neither name a prefix of the other
+        summary = run_round(
+            init,
+            read_prompts(paths.data / "srum_prompts" / "prompts.jsonl"),
+            params.srum,
+            params.eval.sampling,
+            srum_root,
+            index,
+            ckpt_dir=ckpt,
+            model_cfg=params.model,
+            train_cfg=params.train,
+            openai_cfg=params.eval.openai,
+            progress=True,
+        )
+        round_dir = srum_root / paths.srum_round(index).name
+        for folder in (round_dir, ckpt):
+            repoint_json(folder, srum_root, paths.srum)
+            repoint_json(folder, ckpt, paths.checkpoint(name))
+        publish([(round_dir, paths.srum_round(index)), (ckpt, paths.checkpoint(name))])
     return summary
 
 

@@ -1,11 +1,22 @@
-"""One Scone training stage on DeepSpeed ranks (params.train.num_ranks), resumable, one checkpoint per stage."""
+"""One Scone training stage on DeepSpeed ranks (params.train.num_ranks), resumable, published atomically.
+
+The stage trains in its working folder `artifacts/work/train/<stage>/` (DeepSpeed state, run settings, worker
+log): a killed run resumes there with the same data order and ends on the weights of an uninterrupted run. Only
+when training has finished are the checkpoint files moved into `artifacts/checkpoints/<stage>/` in one swap, so
+the published checkpoint is always a complete one, and the previous one stays until the new one is ready.
+"""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from prefect import task
 
+from tasks.atomic import publish, staged
 from tasks.paths import Paths
+
+# Files of the working folder that are how the stage was run, not the model.
+WORK_ONLY = ("ds_state", "run_settings.json", "run_config.json", "worker.log")
 
 
 def train_step(params, stage_name: str) -> dict:
@@ -17,21 +28,37 @@ def train_step(params, stage_name: str) -> dict:
     paths = Paths.from_params(params)
     stage = params.train.stages[stage_name]
     init = paths.checkpoint(stage.init_from) if stage.init_from else None
-    out = paths.checkpoint(stage_name)
+    work = paths.train_work(stage_name)
 
     def run():
-        return run_stage(stage_name, stage, params.train, params.model, paths.data, out, init_checkpoint=init)
+        return run_stage(stage_name, stage, params.train, params.model, paths.data, work, init_checkpoint=init,
+                         max_quarantine_fraction=params.data.quality.max_quarantine_fraction)
 
     try:
-        return run()
+        summary = run()
     except RunSettingsMismatch as e:
-        # A finished or interrupted run with other settings: its checkpoint (if any) was registered in MLflow
-        # already, so the stage directory is a cache, not the record; start this stage afresh.
-        print(f"{stage_name}: settings changed, training afresh ({e})")
-        shutil.rmtree(out)
-        return run()
+        # an interrupted run with other settings (code, data, params or init weights): its state cannot be
+        # resumed; the published checkpoint is untouched until the new run finishes
+        print(f"{stage_name}: settings changed since the interrupted run, training afresh ({e})")
+        shutil.rmtree(work)
+        summary = run()
+    _publish_checkpoint(work, paths.checkpoint(stage_name), paths.root, stage_name)
+    shutil.rmtree(work)
+    summary["checkpoint"] = str(paths.checkpoint(stage_name))
+    summary["metrics"] = str(paths.checkpoint(stage_name) / "metrics.jsonl")
+    return summary
 
 
-# A retry resumes from the last DeepSpeed checkpoint of the stage (ds_state/), with the same data order.
+def _publish_checkpoint(work: Path, dest: Path, artifacts: Path, stage_name: str) -> None:
+    with staged(artifacts, f"checkpoint-{stage_name}") as tmp:
+        out = tmp / dest.name
+        out.mkdir()
+        for item in work.iterdir():  # moved, not copied: at 7B these are tens of GB
+            if item.name not in WORK_ONLY:
+                shutil.move(str(item), out / item.name)
+        publish([(out, dest)])
+
+
+# A retry resumes from the last DeepSpeed state of the stage's working folder, with the same data order.
 train_stage_task = task(train_step, name="train_stage", task_run_name="train-{stage_name}", retries=1,
                         retry_delay_seconds=5)

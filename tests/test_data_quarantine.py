@@ -50,3 +50,17 @@ def test_threshold_fails_the_import(corrupted):
     with pytest.raises(DataQualityError, match=r"4 of 24 rows quarantined \(16.7% > data.quality.max_quarantine_fraction=0.05\)"):
         import_dataset("scone-s2i", tmp / "src", cfg, BASE)
     assert len(read_quarantine(cfg, BASE)) == 4
+
+
+def test_row_filter_checks_rgb_and_extra_rules():
+    from PIL import Image
+
+    from data.quarantine import RowFilter
+    from data.render import encode_png
+
+    rgb, rgba = encode_png(Image.new("RGB", (32, 32))), encode_png(Image.new("RGBA", (32, 32)))
+    rows = [{"key": "a", "image": [rgb, rgb], "instruction": "x"}, {"key": "b", "image": [rgb, rgba], "instruction": "x"},
+            {"key": "c", "image": [rgb, rgb], "instruction": "flagged"}]
+    keep = RowFilter(2, 3, 32, extra=lambda row: ["labels: wrong"] if row["instruction"] == "flagged" else [])
+    assert [r["key"] for r in keep(rows)] == ["a"]
+    assert [(r["key"], why) for r, why in keep.bad] == [("b", "image 2 is RGBA, expected RGB"), ("c", "labels: wrong")]

@@ -59,8 +59,11 @@ def test_corrupted_images_fail_with_keys_and_reasons(built, tmp_path):
     msg = str(err.value)
     assert "validation FAILED, 1 of" in msg
     assert "expect_column_values_to_be_in_set(images_ok): 2 of 24 rows fail" in msg
-    assert "base_000001: image 1 does not decode" in msg
-    assert "base_000003: image" in msg and "is 16x16 RGB, expected 32x32 RGB" in msg
+    shard = f"parquet_data/{BASE}/part-00000.parquet"
+    assert f"{shard}, row 1 (key base_000001): image 1 does not decode" in msg
+    assert f"{shard}, row 3 (key base_000003): image 2 is 16x16 RGB, expected 32x32 RGB" in msg
+    assert "2 of 24 rows quarantined (8.3% > data.quality.max_quarantine_fraction=0.05)" in msg
+    assert f"fix: rebuild it with `scone data build {BASE}`" in msg
     saved = json.loads((tmp_path / "artifacts" / "validation" / f"{BASE}.json").read_text())
     assert saved["success"] is False and saved["failures"][0]["unexpected_count"] == 2
 
@@ -79,7 +82,10 @@ def test_missing_column_and_bad_labels_fail(built, tmp_path):
         validate_dataset(MULTI, cfg)
     msg = str(err.value)
     assert "expect_column_to_exist(instruction): column 'instruction' is missing" in msg
-    assert "labels_ok" in msg and "multi_000000: reference 1:" in msg
+    assert f"column 'instruction' is missing in parquet_data/{MULTI}/part-00000.parquet" in msg
+    assert "labels_ok" in msg and "row 0 (key multi_000000): reference 1:" in msg
+    # a table-level failure is not cured by quarantining rows
+    assert not (tmp_path / "artifacts" / "validation" / "quarantine" / f"{MULTI}.parquet").exists()
 
 
 def test_benchmark_with_a_missing_image_and_too_few_task_types_fails(built, tmp_path):
@@ -91,7 +97,7 @@ def test_benchmark_with_a_missing_image_and_too_few_task_types_fails(built, tmp_
     with pytest.raises(DataValidationError) as err:
         validate_dataset(BENCH, cfg)
     msg = str(err.value)
-    assert f"{lines[0]['key']}: image 1 does not decode" in msg
+    assert f"{BENCH}/data.jsonl, row 0 (key {lines[0]['key']}): image 1 does not decode" in msg
     assert "expect_column_distinct_values_to_contain_set(task_type)" in msg
 
 

@@ -18,11 +18,11 @@ def _dvc():
 def test_dvc_trains_the_stages_of_params_in_order():
     params = load_params(ROOT / "params.yaml")
     items = _dvc()["stages"]["train"]["foreach"]
-    assert [i["stage"] for i in items] == params.pipeline.stage_order
+    assert list(items) == params.pipeline.stage_order
     # each stage after the first depends on the previous stage's checkpoint
-    for prev, cur in zip(items, items[1:]):
-        assert cur["init"] == f"artifacts/checkpoints/{prev['stage']}"
-        assert params.train.stages[cur["stage"]].init_from == prev["stage"]
+    for prev, cur in zip(list(items), list(items)[1:]):
+        assert items[cur]["init"] == f"artifacts/checkpoints/{prev}"
+        assert params.train.stages[cur].init_from == prev
 
 
 def test_dvc_srum_rounds_and_evaluations_match_params():

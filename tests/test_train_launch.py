@@ -23,8 +23,10 @@ def test_run_config_round_trips_every_config(tmp_path):
     kw = read_run_config(path)
     assert kw["stage"] == stage and kw["train"] == train and kw["model_cfg"] == model_cfg
     assert kw["stage_name"] == "stage2_step1" and kw["progress"] is False and kw["model_family"] == FAMILY
-    assert kw["data_root"] == str((tmp_path / "data").resolve())
-    assert kw["init_checkpoint"] == str((tmp_path / "prev").resolve())
+    # relative to the launching directory (no absolute path in the artifacts), the same files
+    assert not Path(kw["data_root"]).is_absolute() and not Path(kw["init_checkpoint"]).is_absolute()
+    assert Path(kw["data_root"]).resolve() == (tmp_path / "data").resolve()
+    assert Path(kw["init_checkpoint"]).resolve() == (tmp_path / "prev").resolve()
 
 
 def test_torchrun_command_runs_the_worker_module_on_n_ranks(tmp_path):

@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 from data.records import Case
 
 ROW_GROUPS_PER_FILE = 4
+# Where a row came from (iter_rows(with_source=True)); underscored so they never clash with data columns.
+SHARD_COLUMN, ROW_COLUMN = "_shard", "_row"
 SCHEMA = pa.schema(
     [("image", pa.list_(pa.binary()))]
     + [(c, pa.string()) for c in ("instruction", "key", "task_type", "case_type", "scene_graph", "subject_list", "subject_label", "qa", "meta")]
@@ -105,12 +107,28 @@ def parquet_files(root: str | Path, name: str) -> list[Path]:
     return [resolve_file(root, name, key) for key in sorted(read_info(root, name))]
 
 
-def iter_rows(root: str | Path, name: str) -> Iterator[dict]:
-    """Rows as stored, one row group at a time: `image` is list[bytes], JSON metadata columns are strings."""
+def shard_name(root: str | Path, path: Path) -> str:
+    """How messages name a shard: relative to the data root (released absolute paths outside it stay absolute)."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def iter_rows(root: str | Path, name: str, *, with_source: bool = False) -> Iterator[dict]:
+    """Rows as stored, one row group at a time: `image` is list[bytes], JSON metadata columns are strings.
+
+    with_source: each row also carries SHARD_COLUMN (its file, see `shard_name`) and ROW_COLUMN (its index in
+    that file), so a finding about the row can say where to look."""
     for path in parquet_files(root, name):
         pf = pq.ParquetFile(path)
+        shard, index = shard_name(root, path), 0
         for g in range(pf.num_row_groups):
-            yield from pf.read_row_group(g).to_pylist()
+            for row in pf.read_row_group(g).to_pylist():
+                if with_source:
+                    row[SHARD_COLUMN], row[ROW_COLUMN] = shard, index
+                index += 1
+                yield row
 
 
 def read_cases(root: str | Path, name: str) -> list[Case]:

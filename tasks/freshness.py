@@ -1,0 +1,113 @@
+"""The one authority for "is this output up to date": DVC's stage graph (`dvc.yaml`) and its record (`dvc.lock`).
+
+Each stage of `dvc.yaml` lists everything its outputs depend on: the code (the package folders the step imports,
+kept complete by tests/test_freshness_deps.py), the params keys and the upstream outputs. `dvc repro` decides
+with it natively; the Prefect pipeline asks the same question per step (`Ledger.changes`) and, after a step has
+really been recomputed, records that one stage (`Ledger.record`, a `dvc commit` of the stage), so DVC's record
+only ever describes outputs made from the inputs it names. The steps themselves never skip work on their own.
+
+A pipeline run whose parameters are not exactly `params.yaml` (`--set` overrides, another params file) cannot
+use that record: every step recomputes and nothing is recorded (`Ledger.disabled`).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DvcError(RuntimeError):
+    """A DVC call failed; the message carries DVC's own words."""
+
+
+def train_stage(stage: str) -> str:
+    return f"train@{stage}"
+
+
+def evaluate_stage(name: str) -> str:
+    return f"evaluate@{name}"
+
+
+def srum_stage(index: int) -> str:
+    # dvc.yaml's srum foreach runs over a list, whose items DVC names by position
+    return f"srum@{index - 1}"
+
+
+BUILD_STAGES = {
+    "scone_single_candidate_base": "build_base",
+    "scone_single_candidate_refined": "build_refined",
+    "scone_multi_candidate": "build_multi_candidate",
+    "t2i_pretrain": "build_t2i_pretrain",
+    "sconeeval_bench": "build_sconeeval_bench",
+    "srum_prompts": "build_srum_prompts",
+    "mico": "build_mico",
+    "mige_edit": "build_mige_edit",
+}
+VALIDATE_STAGE = "validate_data"
+REGISTER_STAGE = "register"
+REPORT_STAGE = "report"
+
+
+@contextlib.contextmanager
+def _dvc_errors(what: str):
+    from dvc.exceptions import DvcException
+
+    dvc_log = logging.getLogger("dvc")
+    level = dvc_log.level
+    dvc_log.setLevel(logging.ERROR)  # DVC's progress chatter is not ours to print; its errors are
+    try:
+        yield
+    except DvcException as e:
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        raise DvcError(f"dvc {what} failed: {e}{cause}") from e
+    finally:
+        dvc_log.setLevel(level)
+
+
+@dataclass
+class Ledger:
+    """Answers "must this stage run?" and records a recomputed stage, from the DVC project at `root`."""
+
+    root: Path
+    enabled: bool = True
+    reason: str = ""
+
+    @classmethod
+    def for_run(cls, root: str | Path, params_path: str | Path, overrides: list[str] | None, record: bool = True) -> "Ledger":
+        root = Path(root).resolve()
+        if not record:
+            return cls.disabled(root, "recording turned off (--no-dvc-commit)")
+        if overrides:
+            return cls.disabled(root, f"overrides {overrides} differ from params.yaml, which dvc.lock describes")
+        if Path(params_path).resolve() != root / "params.yaml":
+            return cls.disabled(root, f"{params_path} is not {root / 'params.yaml'}, which dvc.lock describes")
+        if not (root / "dvc.yaml").exists():
+            return cls.disabled(root, f"no dvc.yaml in {root}")
+        return cls(root)
+
+    @classmethod
+    def disabled(cls, root: str | Path, reason: str) -> "Ledger":
+        return cls(Path(root), enabled=False, reason=reason)
+
+    def _repo(self):
+        from dvc.repo import Repo
+
+        return Repo(str(self.root))
+
+    def changes(self, stage: str) -> list:
+        """What DVC sees changed for `stage` (empty: up to date). A disabled ledger sees everything changed."""
+        if not self.enabled:
+            return [f"not checked: {self.reason}"]
+        with _dvc_errors(f"status {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
+            status = repo.status(targets=[stage])
+        return [c for entries in status.values() for c in entries]
+
+    def record(self, stage: str) -> None:
+        """Record `stage`'s current deps, params and outputs in dvc.lock (and its outputs in the DVC cache).
+        Call only right after the stage's step has recomputed its outputs."""
+        if not self.enabled:
+            return
+        with _dvc_errors(f"commit {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
+            repo.commit(stage, force=True)
