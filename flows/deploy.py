@@ -1,6 +1,6 @@
 """Serve the deployments of prefect.yaml from this process (the embedded-default way to run them).
 
-Every deployment in prefect.yaml is served, with its schedule and parameters, by one runner that starts at most
+Every scheduled deployment in prefect.yaml is served, with its schedule and parameters, by one runner that starts at most
 one flow run at a time: the nightly chain and the weekly SRUM rounds write the same artifacts folder, so they
 must never overlap (the artifacts lock in tasks/lock.py refuses a second writer in any case; this makes the
 second one wait for its turn instead). With a work pool, `concurrency_limit: 1` in prefect.yaml does the same.
@@ -38,6 +38,8 @@ def serve(params_path: str = "params.yaml", path: str = "prefect.yaml") -> None:
 
     deployments = []
     for dep in deployment_specs(path):
+        if not dep.get("schedules"):  # run on demand on a work pool (the GPU stage): not this local runner's job
+            continue
         parameters = {**(dep.get("parameters") or {}), "params_path": params_path}
         crons = [s["cron"] for s in dep.get("schedules") or [] if "cron" in s]
         deployments.append(_flow(dep["entrypoint"]).to_deployment(

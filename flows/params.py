@@ -22,6 +22,11 @@ class PipelineConfig(Strict):
         default=["stage1_step1", "stage1_step2", "stage2_step1", "stage2_step2"],
         description="the training stages the pipeline runs, in order",
     )
+    train_deployment: str | None = Field(
+        None,
+        description="run training stages as this Prefect deployment (e.g. 'scone-train-stage/gpu' on a GPU work "
+                    "pool) instead of in the chain's process; the stages hand over through the DVC remote",
+    )
 
 
 class Params(Strict):

@@ -11,11 +11,12 @@ The flow holds the artifacts lock (tasks.lock) from start to end: one chain writ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from prefect import flow, get_run_logger, unmapped
 
-from prefect import flow, get_run_logger
-
+from flows.artifacts import publish_run_artifacts
 from flows.params import load_params
+from flows.remote_stage import train_via_deployment
+from flows.srum import srum_rounds
 from tasks import freshness as fr
 from tasks.atomic import clear_staging
 from tasks.datasets import all_names, build_dataset_task, validate_dataset_task
@@ -24,22 +25,26 @@ from tasks.lock import artifacts_lock
 from tasks.paths import Paths, checkpoint_names
 from tasks.register import register_all_task
 from tasks.report import report_task
-from tasks.srum import srum_round_task
 from tasks.train_stage import train_stage_task
 
 
-def run_if_stale(ledger: fr.Ledger, stage: str, step: Callable, *args, log=None):
-    """Run `step(*args)` when DVC says `stage` is stale, then record the stage; else say it is up to date."""
-    changes = ledger.changes(stage)
-    if not changes:
-        msg = f"{stage}: up to date (dvc.lock matches its code, params and inputs)"
-        (log.info if log else print)(msg)
-        return None
-    if log and ledger.enabled:
-        log.info("%s: running (%s)", stage, "; ".join(map(str, changes))[:300])
-    result = step(*args)
-    ledger.record(stage)
-    return result
+def build_stale_datasets(ledger: fr.Ledger, params, log) -> None:
+    """The datasets are independent: the stale ones build as mapped Prefect tasks, side by side; each stage is
+    recorded once every build has succeeded (DVC takes one writer at a time)."""
+    stale = []
+    for name in all_names():
+        changes = ledger.changes(fr.BUILD_STAGES[name])
+        if changes:
+            stale.append(name)
+            if ledger.enabled:
+                log.info("%s: running (%s)", fr.BUILD_STAGES[name], "; ".join(map(str, changes))[:300])
+        else:
+            log.info("%s: up to date (dvc.lock matches its code, params and inputs)", fr.BUILD_STAGES[name])
+    if not stale:
+        return
+    build_dataset_task.map(unmapped(params), stale).result()
+    for name in stale:
+        ledger.record(fr.BUILD_STAGES[name])
 
 
 def validate_all(params) -> list[dict]:
@@ -60,19 +65,23 @@ def scone_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
 
     with artifacts_lock(paths.root, command="scone pipeline"):
         clear_staging(paths.root)  # what a killed run left; we are the only writer now
-        for name in all_names():
-            run_if_stale(ledger, fr.BUILD_STAGES[name], build_dataset_task, params, name, log=log)
-        run_if_stale(ledger, fr.VALIDATE_STAGE, validate_all, params, log=log)
+        build_stale_datasets(ledger, params, log)
+        ledger.run_if_stale(fr.VALIDATE_STAGE, validate_all, params, log=log)
         for stage in params.pipeline.stage_order:
-            run_if_stale(ledger, fr.train_stage(stage), train_stage_task, params, stage, log=log)
-        for k in range(1, params.srum.rounds + 1):
-            run_if_stale(ledger, fr.srum_stage(k), srum_round_task, params, k, log=log)
+            if params.pipeline.train_deployment:  # on another work pool, handed over through the DVC remote
+                if not ledger.enabled:
+                    raise ValueError(f"pipeline.train_deployment needs the DVC record ({ledger.reason}): set it in "
+                                     f"params.yaml and run without --set")
+                train_via_deployment(params.pipeline.train_deployment, params, stage, Path.cwd(), log)
+            else:
+                ledger.run_if_stale(fr.train_stage(stage), train_stage_task, params, stage, log=log)
+        srum_rounds(params_path, overrides, record=dvc_commit)
         for name in checkpoint_names(params):
-            run_if_stale(ledger, fr.evaluate_stage(name), evaluate_task, params, name, log=log)
-        run_if_stale(ledger, fr.REGISTER_STAGE, register_all_task, params, log=log)
-        run_if_stale(ledger, fr.REPORT_STAGE, report_task, params, log=log)
+            ledger.run_if_stale(fr.evaluate_stage(name), evaluate_task, params, name, log=log)
+        ledger.run_if_stale(fr.REGISTER_STAGE, register_all_task, params, log=log)
+        ledger.run_if_stale(fr.REPORT_STAGE, report_task, params, log=log)
+        publish_run_artifacts(params)
 
-    records = {p.stem: p.read_text() for p in sorted(paths.registry_records.glob("*.json"))}
     report = paths.reports / "index.html"
     log.info("report: %s", report)
-    return {"report": str(report), "checkpoints": sorted(records)}
+    return {"report": str(report), "checkpoints": checkpoint_names(params)}

@@ -98,11 +98,11 @@ def _run_torchrun(cmd: list[str], log_path: Path, echo: bool, num_ranks: int = 1
         partial = b""
         for chunk in iter(lambda: proc.stdout.read1(4096), b""):
             log.write(chunk)
-            if echo:
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
             lines = (partial + chunk).split(b"\n")
             partial = lines.pop()
+            if echo:  # whole lines through print, so an orchestrator that captures prints logs the workers too
+                for ln in lines:
+                    print(ln.decode(errors="replace").rsplit("\r", 1)[-1], flush=True)
             tail.extend(ln.decode(errors="replace").rsplit("\r", 1)[-1] for ln in lines)
         rc = proc.wait()
     if rc != 0:

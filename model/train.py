@@ -413,6 +413,9 @@ def train_stage(
                 row = log.log(step, losses.cpu() / (train.grad_accum * world), lr, eng.get_global_grad_norm(),
                               position)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if progress and rank == 0:  # a plain line too: orchestrators (Prefect's log_prints) log prints
+                    print(f"{stage_name}: step {step}/{stage.steps} loss {row['loss']:.4f} "
+                          f"({row['samples_per_s']:.1f} samples/s)", flush=True)
             if step % train.save_every == 0 and step < stage.steps:
                 _save_state(eng, state_dir, step,
                             {"step": step, "data_position": position, "train_wall_s": log.wall_s()}, rank)

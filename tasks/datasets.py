@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.atomic import publish, replace_path, staged
+from tasks.atomic import publish, replace_path, staged, write_json
 from tasks.paths import DATASETS, Paths
 
 
@@ -59,10 +59,13 @@ def validate_step(params, name: str) -> dict:
     from data.quarantine import validation_quarantine_path
     from data.validate import validate_dataset
 
-    # always there, empty or not: the training stages depend on this folder (and not on the reports, whose
-    # timings differ on every run)
-    validation_quarantine_path(params.data.root, name).parent.mkdir(parents=True, exist_ok=True)
     summary = validate_dataset(name, params.data)
+    # The training stages depend on the quarantine folder, not on the reports (whose timings differ on every
+    # run); an index per dataset, written even when nothing was quarantined, keeps the folder a real, never-empty
+    # output that DVC restores on checkout and pull.
+    quarantine = summary.get("quarantine") or {}
+    write_json(validation_quarantine_path(params.data.root, name).with_suffix(".json"),
+               {"dataset": name, "rows": quarantine.get("rows", 0), "keys": quarantine.get("keys", [])})
     summary["card"] = write_card(name, params.data)
     return summary
 

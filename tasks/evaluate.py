@@ -10,7 +10,8 @@ import json
 
 from prefect import task
 
-from tasks.atomic import publish, staged
+from tasks.atomic import publish, staged, write_json
+from tasks.dvc_metrics import headline_scores
 from tasks.checkpoints import uses_bridge
 from tasks.paths import Paths
 
@@ -35,6 +36,7 @@ def evaluate_step(params, name: str) -> dict:
         t2i = evaluate_t2i(generate_fn, prompts, seed=params.eval.seed)
         (out / "t2i.json").write_text(json.dumps(t2i, indent=1))
         publish([(out, paths.score_dir(name))])
+    write_json(paths.score_metrics(name), headline_scores(summary, t2i))
     print(format_table3([(name, summary)], style="plain"))
     return {"name": name, "sconeeval": summary.get("average"), "t2i": t2i.get("mean")}
 

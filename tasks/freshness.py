@@ -111,3 +111,16 @@ class Ledger:
             return
         with _dvc_errors(f"commit {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
             repo.commit(stage, force=True)
+
+    def run_if_stale(self, stage: str, step, *args, log=None):
+        """Run `step(*args)` when `stage` is stale, then record the stage; else say it is up to date."""
+        changes = self.changes(stage)
+        say = log.info if log is not None else print
+        if not changes:
+            say(f"{stage}: up to date (dvc.lock matches its code, params and inputs)")
+            return None
+        if self.enabled:
+            say(f"{stage}: running ({'; '.join(map(str, changes))[:300]})")
+        result = step(*args)
+        self.record(stage)
+        return result

@@ -61,6 +61,14 @@ class Paths:
     def registry_records(self) -> Path:
         return self.metrics / "registry"
 
+    def score_metrics(self, name: str) -> Path:
+        """Headline scores of one checkpoint, flat JSON: a DVC metrics file (`dvc metrics show|diff`, `dvc exp show`)."""
+        return self.metrics / "sconeeval" / f"{name}.json"
+
+    def loss_curve(self, name: str) -> Path:
+        """Training curve of one checkpoint as a JSON list of rows: a DVC plots file (`dvc plots show`)."""
+        return self.metrics / "loss" / f"{name}.json"
+
     def checkpoint(self, name: str) -> Path:
         return self.checkpoints / name
 

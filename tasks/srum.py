@@ -9,6 +9,7 @@ from prefect import task
 
 from tasks.atomic import publish, repoint_json, staged
 from tasks.paths import Paths, srum_name
+from tasks.dvc_metrics import write_loss_curve
 
 
 def srum_round_step(params, index: int) -> dict:
@@ -42,6 +43,7 @@ def srum_round_step(params, index: int) -> dict:
             repoint_json(folder, srum_root, paths.srum)
             repoint_json(folder, ckpt, paths.checkpoint(name))
         publish([(round_dir, paths.srum_round(index)), (ckpt, paths.checkpoint(name))])
+    write_loss_curve(paths.checkpoint(name) / "metrics.jsonl", paths.loss_curve(name))
     return summary
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.atomic import publish, staged
+from tasks.dvc_metrics import write_loss_curve
 from tasks.paths import Paths
 
 # Files of the working folder that are how the stage was run, not the model.
@@ -44,6 +45,7 @@ def train_step(params, stage_name: str) -> dict:
         summary = run()
     _publish_checkpoint(work, paths.checkpoint(stage_name), paths.root, stage_name)
     shutil.rmtree(work)
+    write_loss_curve(paths.checkpoint(stage_name) / "metrics.jsonl", paths.loss_curve(stage_name))
     summary["checkpoint"] = str(paths.checkpoint(stage_name))
     summary["metrics"] = str(paths.checkpoint(stage_name) / "metrics.jsonl")
     return summary

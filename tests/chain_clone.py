@@ -35,7 +35,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def environment(dst: Path) -> dict:
-    env = {**os.environ, "PREFECT_HOME": str(dst / ".prefect"),
+    # PYTHONPATH: the clone's own packages, ahead of the editable install of the working tree, so an edit made in
+    # the clone is the code that runs there
+    env = {**os.environ, "PREFECT_HOME": str(dst / ".prefect"), "PYTHONPATH": str(dst),
            "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.invalid",
            "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.invalid"}
     env.pop("MLFLOW_TRACKING_URI", None)

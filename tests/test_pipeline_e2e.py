@@ -68,6 +68,32 @@ def test_every_checkpoint_is_a_registered_version_with_a_gate_decision(clone):
     assert n >= 1
 
 
+def test_versions_are_mlflow_models_with_the_short_tag_list(clone, monkeypatch):
+    """The registry holds MLflow models (pyfunc over the generation pipeline), relocatable, with few tags."""
+    import mlflow
+    import pandas as pd
+
+    from registry.pyfunc_io import decode_png
+
+    root, _ = clone
+    con = sqlite3.connect(root / "artifacts" / "mlflow.db")
+    for source, location in con.execute("select source, storage_location from model_versions"):
+        assert source.startswith("models:/m-") and location.startswith("artifacts/mlruns/"), (source, location)
+    for (location,) in con.execute("select artifact_location from logged_models"):
+        assert not location.startswith("/") and "://" not in location, location
+    n_tags = con.execute("select max(c) from (select count(*) c from model_version_tags where name='scone-tiny' "
+                         "group by version)").fetchone()[0]
+    assert n_tags <= 15
+    run_id = con.execute("select run_id from model_versions where name='scone-tiny' and version='1'").fetchone()[0]
+    assert con.execute("select count(*) from inputs where destination_id=?", (run_id,)).fetchone()[0] >= 1
+    monkeypatch.chdir(root)  # the store's locations are relative to the repo root
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'artifacts' / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{root / 'artifacts' / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/scone-tiny@champion")
+    out = model.predict(pd.DataFrame({"instruction": ["a red circle"], "reference_images": [[]]}))
+    assert decode_png(out["image"][0]).shape[2] == 3
+
+
 def test_a_second_run_reuses_everything(clone):
     root, env = clone
     out = _run(["scone", "pipeline"], root, env)

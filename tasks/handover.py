@@ -1,0 +1,65 @@
+"""Handing a stage over between machines through the DVC remote, never through a shared local path.
+
+The chain (CPU pool) pushes what it has built to the DVC remote and sends its `dvc.lock` along with the request;
+the worker that trains (GPU pool, its own checkout of the same commit) takes that record, pulls the stage's
+inputs, trains, records the stage, pushes the new checkpoint and answers with the stage's new `dvc.lock` entry.
+The chain merges that entry and pulls the checkpoint: DVC's record travels with the data it describes, so both
+sides agree on what is up to date.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import yaml
+
+from tasks.freshness import _dvc_errors
+
+LOCK = "dvc.lock"
+
+
+def _repo(root: Path):
+    from dvc.repo import Repo
+
+    return Repo(str(root))
+
+
+def push(root: Path, targets: list[str] | None = None, with_deps: bool = False) -> None:
+    """Upload the cached outputs of `targets` (all stages when None) to the default DVC remote."""
+    with _dvc_errors("push"), _repo(root) as repo, contextlib.redirect_stdout(io.StringIO()):
+        repo.push(targets=targets, with_deps=with_deps)
+
+
+def pull(root: Path, targets: list[str], with_deps: bool = False) -> None:
+    """Download and check out the outputs of `targets` (and of the stages before them with `with_deps`)."""
+    with _dvc_errors("pull"), _repo(root) as repo, contextlib.redirect_stdout(io.StringIO()):
+        repo.pull(targets=targets, with_deps=with_deps)
+
+
+def read_lock(root: Path) -> str:
+    path = Path(root) / LOCK
+    return path.read_text() if path.exists() else "schema: '2.0'\nstages: {}\n"
+
+
+def lock_entry(root: Path, stage: str) -> str:
+    """One stage's record in dvc.lock, as YAML."""
+    stages = (yaml.safe_load(read_lock(root)) or {}).get("stages") or {}
+    if stage not in stages:
+        raise KeyError(f"{Path(root) / LOCK} has no entry for {stage}: the stage was not recorded")
+    return yaml.safe_dump({stage: stages[stage]}, sort_keys=False)
+
+
+def merge_lock(root: Path, lock_yaml: str) -> list[str]:
+    """Take the stage entries of `lock_yaml` into root's dvc.lock (theirs win); returns the stages merged."""
+    incoming = yaml.safe_load(lock_yaml) or {}
+    incoming = incoming.get("stages", incoming)
+    if not isinstance(incoming, dict):
+        raise ValueError("a dvc.lock handover must map stage names to their entries")
+    tree = yaml.safe_load(read_lock(root)) or {}
+    tree.setdefault("schema", "2.0")
+    stages = tree.setdefault("stages", {}) or {}
+    stages.update(incoming)
+    tree["stages"] = stages
+    (Path(root) / LOCK).write_text(yaml.safe_dump(tree, sort_keys=False))
+    return list(incoming)
