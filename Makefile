@@ -4,7 +4,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 STAMP := .make/installed
 
-.PHONY: install pipeline test test-fast repro report clean-artifacts serve-deployment mlflow-ui
+.PHONY: install install-browser pipeline test test-fast repro report clean-artifacts serve-deployment mlflow-ui
 
 $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	@mkdir -p .make && touch $(STAMP)
 
 install: $(STAMP)
+
+# headless Chromium for tests/test_report_browser.py (Debian package; needs root, as CI has: .ci/run calls it)
+install-browser:
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 pipeline: install
 	scone pipeline

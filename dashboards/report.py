@@ -3,7 +3,9 @@ context), training curves, gate decisions, SRUM and T2I metrics, and sample gene
 
 It reads only the MLflow registry/runs and files under `artifacts/`; whatever is missing shows as "not run".
 The page is one self-contained HTML file with inline CSS; its PNGs sit next to it (relative links), so the
-`reports/` folder can be copied or published as is.
+`reports/` folder can be copied or published as is. The HTML lives in jinja2 templates (dashboards/templates/,
+autoescaped); this module gathers what they show. The Data validation section links to the Great Expectations
+Data Docs of the validate stage (artifacts/validation/gx/) by a relative link from the published folder.
 
     python -m dashboards.report --artifacts artifacts --model scone-tiny
 """
@@ -11,14 +13,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import html
 import json
 import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
+# the metric and tag vocabulary shared with the tasks that log them (constants only: the report talks to MLflow itself)
 from registry import LOSS_METRICS, SCONEEVAL_OVERALL, SRUM_PREFIX, T2I_PREFIX, TABLE3_COLUMNS
 
 # Scone paper, Table 3 (SconeEval, GPT-4.1 judge, 1024 px), in TABLE3_COLUMNS order. Context only: our tiny model
@@ -30,24 +33,7 @@ PAPER_TABLE3: dict[str, tuple[float, ...]] = {
 MAX_SAMPLES_PER_CHECKPOINT = 8
 THUMBNAIL_PX = 96
 
-_CSS = """
-body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
-h1 { font-size: 1.5rem; margin-bottom: .2rem; } h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
-.meta { color: #666; font-size: .85rem; }
-table { border-collapse: collapse; font-size: .82rem; margin: .5rem 0; }
-th, td { border: 1px solid #ddd; padding: .25rem .5rem; text-align: right; }
-th { background: #f4f6f8; } td.name, th.name { text-align: left; white-space: nowrap; }
-tr.paper td { color: #777; font-style: italic; background: #fafafa; }
-td.missing { color: #aaa; } .best { font-weight: 700; }
-.badge { display: inline-block; font-size: .7rem; padding: 0 .35rem; border-radius: .6rem; margin-left: .3rem; }
-.champion { background: #d9f2d9; color: #1d6b1d; } .candidate { background: #e4ecf7; color: #1f4e8c; }
-.promoted { color: #1d6b1d; font-weight: 600; } .rejected { color: #a12020; font-weight: 600; }
-td.reasons { text-align: left; font-size: .75rem; } td.reasons li.fail { color: #a12020; }
-td.reasons ul { margin: 0; padding-left: 1rem; }
-.curves img, .overall img { border: 1px solid #eee; margin: .25rem; }
-.samples img { image-rendering: pixelated; width: 96px; height: 96px; margin: 2px; border: 1px solid #eee; }
-.note { color: #888; font-style: italic; }
-"""
+TEMPLATES = Path(__file__).with_name("templates")
 
 
 @dataclass
@@ -71,12 +57,33 @@ class Checkpoint:
         return "".join(c if c.isalnum() or c in "-_" else "_" for c in self.label.replace(" ", "_"))
 
 
-def _esc(x: object) -> str:
-    return html.escape(str(x))
-
-
 def _fmt(v: float | None) -> str:
     return "not run" if v is None else f"{v:.2f}"
+
+
+@lru_cache(maxsize=1)
+def _env():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["fmt"] = _fmt
+    return env
+
+
+def render(template: str, **context) -> str:
+    """Render one of dashboards/templates/ (autoescaped: values are text, never markup)."""
+    return _env().get_template(template).render(**context)
+
+
+def _portable_uri(uri: str) -> str:
+    """A SQLite store inside the working directory is named relative to it (the report is an artifact)."""
+    from registry.tracking import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is not None and db.is_absolute() and db.resolve().is_relative_to(Path.cwd().resolve()):
+        return "sqlite:///" + db.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    return uri
 
 
 def _open_client(tracking_uri: str, root: Path):
@@ -87,7 +94,7 @@ def _open_client(tracking_uri: str, root: Path):
     db = sqlite_path(uri)
     # the note names the store as configured (relative under the embedded default): the report is an artifact
     # and must not carry this machine's absolute paths
-    shown = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+    shown = _portable_uri(uri)
     if db is not None and not db.exists():
         return None, f"MLflow store {shown} not found: nothing registered yet"
     from mlflow import MlflowClient
@@ -96,11 +103,14 @@ def _open_client(tracking_uri: str, root: Path):
 
 
 def collect_checkpoints(client, model_name: str) -> list[Checkpoint]:
-    """Every version of `model_name`, oldest first, with its metrics (version tags + run metrics) and tags."""
-    from registry.models import list_versions, version_metrics
+    """Every version of `model_name`, oldest first, with its metrics (the run's latest metric values, completed
+    by the version's `metric.*` tags) and tags; straight from the MLflow client."""
+    from mlflow.exceptions import MlflowException
+
+    from registry.models import METRIC_TAG_PREFIX
     from registry.tracking import TAG_KIND, TAG_STAGE
 
-    versions = list_versions(client, model_name)
+    versions = sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda mv: int(mv.version))
     # search results leave ModelVersion.aliases empty; the registered model holds the alias → version map
     aliases: dict[str, list[str]] = {}
     if versions:
@@ -109,10 +119,21 @@ def collect_checkpoints(client, model_name: str) -> list[Checkpoint]:
     out = []
     for mv in versions:
         tags = dict(mv.tags or {})
+        metrics: dict[str, float] = {}
+        if mv.run_id:
+            try:
+                metrics.update(client.get_run(mv.run_id).data.metrics)
+            except MlflowException:
+                pass  # run deleted or in another store: the tags still carry the registered metrics
+        for key, value in tags.items():
+            if key.startswith(METRIC_TAG_PREFIX):
+                try:
+                    metrics[key[len(METRIC_TAG_PREFIX):]] = float(value)
+                except ValueError:
+                    continue
         out.append(Checkpoint(
             name=tags.get(TAG_STAGE, f"version {mv.version}"), version=str(mv.version), run_id=mv.run_id,
-            kind=tags.get(TAG_KIND, "stage"), aliases=sorted(aliases.get(str(mv.version), [])),
-            metrics=version_metrics(client, mv), tags=tags,
+            kind=tags.get(TAG_KIND, "stage"), aliases=sorted(aliases.get(str(mv.version), [])), metrics=metrics, tags=tags,
         ))
     return out
 
@@ -201,113 +222,113 @@ def _thumbnail(src: Path, dst: Path) -> Path:
     return dst
 
 
-# ---------------------------------------------------------------- HTML sections
+# ---------------------------------------------------------------- what each section shows (the HTML: templates/)
 
 
-def _datacards_html(artifacts: Path, out_dir: Path) -> str:
+def _datacards(artifacts: Path, out_dir: Path) -> list[dict]:
     """One row per dataset card (data.card.write_card): counts, sizes, instruction lengths, contact sheet."""
-    cards = sorted((artifacts / "datacards").glob("*/card.json"))
-    if not cards:
-        return '<p class="note">not run: no data cards (scone data validate all writes them).</p>'
     rows = []
-    for path in cards:
+    for path in sorted((artifacts / "datacards").glob("*/card.json")):
         card = json.loads(path.read_text())
-        counts = ", ".join(f"{_esc(k)} {v}" for k, v in sorted((card.get("task_type") or {}).items()))
         words = card.get("instruction_words") or {}
-        length = f"mean {words['mean']:.1f}, max {words['max']}" if "mean" in words else "-"
-        sizes = ", ".join(f"{_esc(k)}: {v}" for k, v in (card.get("image_sizes") or {}).items()) or "-"
         sheet = path.parent / "contact_sheet.png"
-        img = "-"
+        img = None
         if sheet.exists():
             dst = out_dir / "datacards" / f"{path.parent.name}.png"
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(sheet, dst)
-            img = f'<img src="datacards/{dst.name}" alt="contact sheet {_esc(card.get("name", ""))}" style="max-height:160px">'
-        rows.append(f'<tr><td class="name">{_esc(card.get("name", path.parent.name))}</td><td>{card.get("rows", "-")}</td>'
-                    f'<td style="text-align:left">{counts or "-"}</td><td>{sizes}</td><td>{length}</td><td>{img}</td></tr>')
-    head = "<tr><th>Dataset</th><th>Rows</th><th>Task types</th><th>Image sizes</th><th>Instruction words</th><th>Contact sheet</th></tr>"
-    return f'<table id="datacards">{head}{"".join(rows)}</table>'
+            img = f"datacards/{dst.name}"
+        rows.append({
+            "name": card.get("name", path.parent.name), "rows": card.get("rows", "-"),
+            "counts": ", ".join(f"{k} {v}" for k, v in sorted((card.get("task_type") or {}).items())) or "-",
+            "sizes": ", ".join(f"{k}: {v}" for k, v in (card.get("image_sizes") or {}).items()) or "-",
+            "length": f"mean {words['mean']:.1f}, max {words['max']}" if "mean" in words else "-",
+            "img": img, "alt": f"contact sheet {card.get('name', '')}",
+        })
+    return rows
 
-def _table3_html(ckpts: Sequence[Checkpoint]) -> str:
+
+def data_docs_index(artifacts: Path) -> Path | None:
+    """The Great Expectations Data Docs of the validate stage (data.validate's file-backed project), if built."""
+    return next(iter(sorted((artifacts / "validation" / "gx").glob("**/data_docs/*/index.html"))), None)
+
+
+def _validation(artifacts: Path, publish_dir: Path) -> dict:
+    """Per dataset: its validation verdict (artifacts/validation/<name>.json); the Data Docs link, relative to the
+    folder the page is published from."""
+    rows = []
+    for path in sorted((artifacts / "validation").glob("*.json")):
+        try:
+            report = json.loads(path.read_text())
+            stats = report.get("statistics") or {}
+            rows.append({
+                "name": report.get("dataset", path.stem), "success": bool(report.get("success")), "rows": report.get("rows", "-"),
+                "expectations": (f"{stats['successful_expectations']} of {stats['evaluated_expectations']}"
+                                 if "evaluated_expectations" in stats else "-"),
+                "quarantined": (report.get("quarantine") or {}).get("rows", 0),
+                "summary": (report.get("summary") or "").splitlines()[0] if report.get("summary") else "",
+            })
+        except (OSError, ValueError, AttributeError, KeyError) as e:
+            rows.append({"name": path.stem, "success": False, "rows": "-", "expectations": "-", "quarantined": "-",
+                         "summary": f"{path.name} is unreadable ({e})"})
+    index = data_docs_index(artifacts)
+    href = Path(os.path.relpath(index.resolve(), publish_dir.resolve())).as_posix() if index is not None else None
+    return {"rows": rows, "data_docs": href}
+
+
+def _table3(ckpts: Sequence[Checkpoint]) -> dict:
     keys = [k for _, k in TABLE3_COLUMNS]
     best = {}
     for k in keys:
         vals = [c.metrics[k] for c in ckpts if k in c.metrics]
         best[k] = max(vals) if vals else None
-    head = "".join(f"<th>{_esc(label)}</th>" for label, _ in TABLE3_COLUMNS)
     rows = []
     for c in ckpts:
-        badges = "".join(f'<span class="badge {_esc(a)}">{_esc(a)}</span>' for a in c.aliases)
-        if not any(k in c.metrics for k in keys):
-            cells = f'<td class="missing" colspan="{len(keys)}">not run</td>'
-        else:
-            cells = "".join(
-                f'<td class="missing">not run</td>' if k not in c.metrics else
-                (f'<td class="best">{_fmt(c.metrics[k])}</td>' if c.metrics[k] == best[k] and len(ckpts) > 1
-                 else f"<td>{_fmt(c.metrics[k])}</td>")
-                for k in keys
-            )
-        rows.append(f'<tr><td class="name">{_esc(c.label)}{badges}</td>{cells}</tr>')
-    if not ckpts:
-        rows.append(f'<tr><td class="name">(no registered checkpoints)</td><td class="missing" colspan="{len(keys)}">not run</td></tr>')
-    for name, values in PAPER_TABLE3.items():
-        rows.append('<tr class="paper"><td class="name">' + _esc(name) + "</td>"
-                    + "".join(f"<td>{v:.2f}</td>" for v in values) + "</tr>")
-    return (f'<table id="sconeeval"><tr><th class="name">Checkpoint</th>{head}</tr>' + "".join(rows) + "</table>"
-            '<p class="note">Paper rows: Scone paper Table 3 (GPT-4.1 judge, 1024 px). Our rows: the configured judge '
-            "on the held-out SconeEval-layout benchmark. Bold: best of our checkpoints.</p>")
+        cells = None
+        if any(k in c.metrics for k in keys):
+            cells = [{"cls": "missing", "text": "not run"} if k not in c.metrics else
+                     {"cls": "best" if c.metrics[k] == best[k] and len(ckpts) > 1 else None, "text": _fmt(c.metrics[k])}
+                     for k in keys]
+        rows.append({"label": c.label, "aliases": c.aliases, "cells": cells})
+    paper = [{"name": name, "values": [f"{v:.2f}" for v in values]} for name, values in PAPER_TABLE3.items()]
+    return {"labels": [label for label, _ in TABLE3_COLUMNS], "rows": rows, "paper": paper}
 
 
-def _gate_html(ckpts: Sequence[Checkpoint]) -> str:
+def _gate(ckpts: Sequence[Checkpoint]) -> list[dict]:
     from registry.gate import TAG_CHAMPION_BEFORE, TAG_DECISION, TAG_REASONS
 
     rows = []
     for c in ckpts:
         decision = c.tags.get(TAG_DECISION)
-        if decision is None:
-            rows.append(f'<tr><td class="name">{_esc(c.label)}</td><td class="missing">not run</td><td></td><td></td></tr>')
-            continue
-        try:
-            reasons = json.loads(c.tags.get(TAG_REASONS, "[]"))
-        except json.JSONDecodeError:
-            reasons = [c.tags.get(TAG_REASONS, "")]
-        items = "".join(f'<li class="{"fail" if str(r).startswith("fail") else "pass"}">{_esc(r)}</li>' for r in reasons)
-        rows.append(f'<tr><td class="name">{_esc(c.label)}</td><td class="{_esc(decision)}">{_esc(decision)}</td>'
-                    f'<td>{_esc(c.tags.get(TAG_CHAMPION_BEFORE, "none"))}</td><td class="reasons"><ul>{items}</ul></td></tr>')
-    if not rows:
-        return '<p class="note">not run: no gate decisions recorded.</p>'
-    return ('<table id="gate"><tr><th class="name">Version</th><th>Decision</th><th>Champion before</th>'
-            '<th class="name">Reasons</th></tr>' + "".join(rows) + "</table>")
+        reasons = []
+        if decision is not None:
+            try:
+                reasons = json.loads(c.tags.get(TAG_REASONS, "[]"))
+            except json.JSONDecodeError:
+                reasons = [c.tags.get(TAG_REASONS, "")]
+        rows.append({"label": c.label, "decision": decision, "champion_before": c.tags.get(TAG_CHAMPION_BEFORE, "none"),
+                     "reasons": [{"cls": "fail" if str(r).startswith("fail") else "pass", "text": r} for r in reasons]})
+    return rows
 
 
-def _prefix_table_html(ckpts: Sequence[Checkpoint], prefix: str, table_id: str, what: str) -> str:
+def _prefix_table(ckpts: Sequence[Checkpoint], prefix: str, table_id: str, what: str, heading: str) -> dict:
     keys = sorted({k for c in ckpts for k in c.metrics if k.startswith(prefix)})
-    if not keys:
-        return f'<p class="note">not run: no {_esc(what)} metrics (<code>{_esc(prefix)}*</code>) recorded.</p>'
-    head = "".join(f"<th>{_esc(k[len(prefix):])}</th>" for k in keys)
-    rows = []
-    for c in ckpts:
-        if not any(k in c.metrics for k in keys):
-            continue
-        cells = "".join(f'<td class="missing">not run</td>' if k not in c.metrics else f"<td>{c.metrics[k]:.4g}</td>"
-                        for k in keys)
-        rows.append(f'<tr><td class="name">{_esc(c.label)}</td>{cells}</tr>')
-    return f'<table id="{table_id}"><tr><th class="name">Checkpoint</th>{head}</tr>' + "".join(rows) + "</table>"
+    rows = [{"label": c.label, "cells": [None if k not in c.metrics else f"{c.metrics[k]:.4g}" for k in keys]}
+            for c in ckpts if any(k in c.metrics for k in keys)]
+    return {"id": table_id, "heading": heading, "what": what, "prefix": prefix, "keys": [k[len(prefix):] for k in keys], "rows": rows}
 
 
-def _srum_ablation_html(artifacts: Path, out_dir: Path) -> str:
+def _srum_ablation(artifacts: Path, out_dir: Path) -> dict:
     """`scone bench srum-ablation` when it has been run: a plot per prompt set and the judge agreement."""
-    import json
-
     from dashboards.plots import plot_ablation
 
     path = artifacts / "bench" / "srum-ablation.json"
     if not path.exists():
-        return '<p class="note">not run: <code>scone bench srum-ablation</code> writes artifacts/bench/srum-ablation.json</p>'
+        return {"state": "missing"}
     try:
         result = json.loads(path.read_text())
         variants = result["variants"]
-        parts = []
+        images = []
         for prompt_set in ("train_prompts", "heldout_prompts"):
             panels = {m: [(v["scores"][prompt_set][m]["mean"], v["scores"][prompt_set][m]["std"]) for v in variants.values()]
                       for m in ("mean", "found")}
@@ -316,34 +337,28 @@ def _srum_ablation_html(artifacts: Path, out_dir: Path) -> str:
                                 {"T2I accuracy (mean of categories)": panels["mean"], "subjects found": panels["found"]},
                                 out_dir / f"srum_ablation_{prompt_set}.png", f"SRUM ablation, {prompt_set.replace('_', ' ')}",
                                 {"T2I accuracy (mean of categories)": start["mean"], "subjects found": start["found"]})
-            parts.append(f'<img src="{png.name}" alt="SRUM ablation {prompt_set}">')
-        agree = result.get("self_vs_oracle_judge", {})
+            images.append({"src": png.name, "alt": f"SRUM ablation {prompt_set}"})
+
         def num(v):
             return "n/a" if v is None else f"{v:.2f}"
 
-        rows = "".join(f"<tr><td>{_esc(seed)}</td><td>{num(a['global']['pearson'])}</td><td>{num(a['global']['sign_agreement'])}</td>"
-                       f"<td>{num(a['regions']['pearson'])}</td><td>{num(a['regions']['sign_agreement'])}</td></tr>"
-                       for seed, a in agree.items())
-        note = (f'<p class="note">judge {_esc(result["judge"])}, seeds {_esc(result["seeds"])}, '
-                f'{_esc(result["eval_samples_per_prompt"])} images per prompt; bars: mean over seeds, error bars: std.</p>')
-        table = ('<table><tr><th>seed</th><th>global r</th><th>global sign agreement</th><th>region r</th>'
-                 f'<th>region sign agreement</th></tr>{rows}</table>') if rows else ""
-        return note + "".join(parts) + ("<h3>self vs oracle judge on the same candidates</h3>" + table if table else "")
+        agreement = [{"seed": seed, "values": [num(a["global"]["pearson"]), num(a["global"]["sign_agreement"]),
+                                                 num(a["regions"]["pearson"]), num(a["regions"]["sign_agreement"])]}
+                     for seed, a in result.get("self_vs_oracle_judge", {}).items()]
+        return {"state": "ok", "judge": result["judge"], "seeds": result["seeds"],
+                "per_prompt": result["eval_samples_per_prompt"], "images": images, "agreement": agreement}
     except (KeyError, TypeError, ValueError) as e:
-        return f'<p class="note">{_esc(path)} is unreadable ({_esc(e)}); re-run <code>scone bench srum-ablation</code></p>'
+        return {"state": "error", "path": str(path), "error": str(e)}
 
 
-def _page(title: str, meta: str, sections: Sequence[tuple[str, str]]) -> str:
-    body = "".join(f"<h2>{_esc(h)}</h2>\n{content}\n" for h, content in sections)
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1><p class=\"meta\">{meta}</p>\n{body}</body></html>\n")
-
-
-def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path | None = None) -> Path:
+def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path | None = None,
+                 publish_dir: Path | None = None) -> Path:
     """Write the report (default `artifacts/reports/index.html`) and its images; return the HTML path.
 
     A relative SQLite `tracking_uri` is resolved against the parent of `artifacts` (the repository root), as the
-    tracker does; `MLFLOW_TRACKING_URI` overrides it.
+    tracker does; `MLFLOW_TRACKING_URI` overrides it. `publish_dir` is the folder the page is served from, which
+    links outside the report folder (the Data Docs) are relative to: by default `artifacts/reports`, where
+    tasks.report swaps the folder it builds in staging.
     """
     from dashboards.plots import plot_curves, plot_overall
 
@@ -351,6 +366,7 @@ def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path 
     out = Path(out) if out is not None else artifacts / "reports" / "index.html"
     out_dir = out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    publish_dir = Path(publish_dir) if publish_dir is not None else artifacts / "reports"
 
     client, store_note = _open_client(tracking_uri, artifacts.resolve().parent)
     ckpts = collect_checkpoints(client, model_name) if client is not None else []
@@ -360,52 +376,38 @@ def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path 
     on_disk = sorted(p.parent.name for p in (artifacts / "checkpoints").glob("*/metrics.jsonl"))
     unregistered = [Checkpoint(name=n, kind="srum" if n.startswith("srum") else "stage") for n in on_disk if n not in seen]
 
-    overall_html = '<p class="note">not run: no checkpoint has a SconeEval score yet.</p>'
+    overall = None
     if any(SCONEEVAL_OVERALL in c.metrics for c in ckpts):
         refs = {name: values[-1] for name, values in PAPER_TABLE3.items()}
-        png = plot_overall([c.label for c in ckpts], [c.metrics.get(SCONEEVAL_OVERALL) for c in ckpts], refs,
-                           out_dir / "sconeeval_overall.png")
-        overall_html = f'<div class="overall"><img src="{png.name}" alt="SconeEval Overall per checkpoint"></div>'
+        overall = plot_overall([c.label for c in ckpts], [c.metrics.get(SCONEEVAL_OVERALL) for c in ckpts], refs,
+                               out_dir / "sconeeval_overall.png").name
 
     curves = []
     for c in ckpts + unregistered:
         series, source = loss_series(client, c, artifacts)
-        if not any(series.values()):
-            curves.append(f'<p class="note">{_esc(c.label)}: not run (no training metrics)</p>')
-            continue
-        png = plot_curves(series, f"{c.label} ({c.kind})", out_dir / f"loss_{c.slug}.png")
-        curves.append(f'<figure style="display:inline-block;margin:0"><img src="{png.name}" alt="loss {_esc(c.label)}">'
-                      f'<figcaption class="meta">{_esc(c.label)} from {_esc(source)}</figcaption></figure>')
-    curves_html = '<div class="curves">' + "".join(curves) + "</div>" if curves else '<p class="note">not run</p>'
+        png = plot_curves(series, f"{c.label} ({c.kind})", out_dir / f"loss_{c.slug}.png").name if any(series.values()) else None
+        curves.append({"label": c.label, "png": png, "source": source})
 
     samples = []
     for c in ckpts:
         summary = _summary_path(c, artifacts)
         paths = sample_paths(summary) if summary is not None else []
-        if not paths:
-            samples.append(f'<tr><td class="name">{_esc(c.label)}</td><td class="missing">not run</td></tr>')
-            continue
-        imgs = "".join(
-            f'<img src="samples/{_thumbnail(p, out_dir / "samples" / f"{c.slug}_{i}.png").name}" alt="{_esc(p.name)}" '
-            f'title="{_esc(p.name)}">' for i, p in enumerate(paths))
-        samples.append(f'<tr><td class="name">{_esc(c.label)}</td><td class="samples" style="text-align:left">{imgs}</td></tr>')
-    samples_html = ('<table id="samples">' + "".join(samples) + "</table>") if samples else '<p class="note">not run</p>'
+        images = [{"src": f"samples/{_thumbnail(p, out_dir / 'samples' / f'{c.slug}_{i}.png').name}", "alt": p.name}
+                  for i, p in enumerate(paths)]
+        samples.append({"label": c.label, "images": images})
 
-    champion = next((c.label for c in ckpts if "champion" in c.aliases), "none")
-    meta = (f"model <b>{_esc(model_name)}</b> · champion <b>{_esc(champion)}</b> · {len(ckpts)} registered version(s) · "
-            f"store {_esc(store_note)} · generated {dt.datetime.now().isoformat(timespec='seconds')}")
-    sections = [
-        ("SconeEval (Table 3 layout)", _table3_html(ckpts)),
-        ("SconeEval Overall", overall_html),
-        ("Promotion gate", _gate_html(ckpts)),
-        ("Training curves", curves_html),
-        ("SRUM rewards", _prefix_table_html(ckpts, SRUM_PREFIX, "srum", "SRUM")),
-        ("Compositional T2I", _prefix_table_html(ckpts, T2I_PREFIX, "t2i", "compositional T2I")),
-        ("SRUM ablation", _srum_ablation_html(artifacts, out_dir)),
-        ("Samples", samples_html),
-        ("Data cards", _datacards_html(artifacts, out_dir)),
-    ]
-    out.write_text(_page(f"scone-ops report: {model_name}", meta, sections))
+    page = render(
+        "report.html.j2",
+        title=f"scone-ops report: {model_name}", model_name=model_name,
+        champion=next((c.label for c in ckpts if "champion" in c.aliases), "none"), n_versions=len(ckpts),
+        store_note=store_note, generated=dt.datetime.now().isoformat(timespec="seconds"),
+        table3=_table3(ckpts), overall=overall, gate=_gate(ckpts), curves=curves,
+        prefix_tables=[_prefix_table(ckpts, SRUM_PREFIX, "srum", "SRUM", "SRUM rewards"),
+                       _prefix_table(ckpts, T2I_PREFIX, "t2i", "compositional T2I", "Compositional T2I")],
+        ablation=_srum_ablation(artifacts, out_dir), samples=samples,
+        validation=_validation(artifacts, publish_dir), datacards=_datacards(artifacts, out_dir),
+    )
+    out.write_text(page)
     return out
 
 
@@ -416,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--model", default="scone-tiny")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    print(build_report(Path(args.artifacts), args.tracking_uri, args.model, Path(args.out) if args.out else None))
+    out = Path(args.out) if args.out else None
+    print(build_report(Path(args.artifacts), args.tracking_uri, args.model, out, out.parent if out else None))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,18 @@ instruction, labels, duplicate key) are quarantined to validation/quarantine/<na
 data.quality.max_quarantine_fraction of them the dataset passes (with a warning) when its clean rows pass the
 suite, and the trainer skips them. Table-level failures (a missing column, no rows) fail outright.
 `validate_all` validates every dataset before it fails, with one error listing them all.
+
+The suites live in a file-backed Great Expectations project inside the validate stage's DVC output,
+<cfg.root>/../validation/gx/ (`gx_project_dir`), versioned with the results: per dataset one expectation suite,
+one validation definition and one Checkpoint (all named after the dataset, updated in place on every run) over
+a pandas dataframe asset, and the Checkpoint's UpdateDataDocsAction renders the Data Docs site
+(gx/uncommitted/data_docs/local_site/index.html, recorded as `data_docs` in <name>.json). The GX store keeps the
+results of a dataset's latest validation only (its full rows and, after a quarantine, its clean rows); run ids
+and timestamps inside it matter to nothing downstream (training reads validation/quarantine/ only).
 """
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 import os
@@ -63,18 +70,86 @@ class DataValidationError(RuntimeError):
 @lru_cache(maxsize=1)
 def _gx():
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    return gx, context
+    return gx
 
 
-_run_ids = itertools.count()
+GX_DATASOURCE = "scone-ops"  # one pandas data source; one dataframe asset per dataset
+GX_BATCH = "all"  # the asset's batch definition: the whole dataframe handed over at run time
+DATA_DOCS_SITE = "local_site"
 
 
 def validation_dir(cfg: DataConfig) -> Path:
     return Path(cfg.root).parent / "validation"
+
+
+def gx_project_dir(cfg: DataConfig) -> Path:
+    """The file-backed GX project (great_expectations.yml, suites, definitions, checkpoints, Data Docs)."""
+    return validation_dir(cfg) / "gx"
+
+
+@dataclass
+class GxProject:
+    """The GX context of one validation folder, and where its stores and Data Docs lie (paths under `dir`, the
+    caller's spelling of it: relative when cfg.root is)."""
+
+    context: object
+    dir: Path
+
+    def _base(self, config: dict) -> Path:
+        return self.dir / config["store_backend"]["base_directory"]
+
+    @property
+    def docs_dir(self) -> Path:
+        return self._base(self.context.variables.data_docs_sites[DATA_DOCS_SITE])
+
+    @property
+    def docs_index(self) -> Path:
+        return self.docs_dir / "index.html"
+
+    @property
+    def results_dir(self) -> Path:
+        return self._base(self.context.variables.stores[self.context.variables.validation_results_store_name])
+
+    def forget_results(self, name: str) -> None:
+        """Drop a dataset's earlier validation results and their Data Docs pages: the project keeps the latest."""
+        import shutil
+
+        for folder in (self.results_dir / name, self.docs_dir / "validations" / name):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def batch_definition(self, name: str):
+        context = self.context
+        try:
+            source = context.data_sources.get(GX_DATASOURCE)
+        except (KeyError, ValueError, LookupError):
+            source = context.data_sources.add_pandas(GX_DATASOURCE)
+        try:
+            asset = source.get_asset(name)
+        except LookupError:
+            asset = source.add_dataframe_asset(name)
+        try:
+            return asset.get_batch_definition(GX_BATCH)
+        except (KeyError, LookupError):
+            return asset.add_batch_definition_whole_dataframe(GX_BATCH)
+
+
+def gx_project(cfg: DataConfig) -> GxProject:
+    """Open (creating on first use) the file-backed GX project of cfg's validation folder."""
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    gx = _gx()
+    root = validation_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    context = gx.get_context(mode="file", project_root_dir=str(root))
+    variables = context.variables
+    bars = variables.progress_bars  # a ProgressBarsConfig once set, a dict once read back from the file
+    quiet = (bars.get("globally") if isinstance(bars, dict) else getattr(bars, "globally", None)) is False
+    if variables.analytics_enabled is not False or not quiet:
+        variables.analytics_enabled = False  # recorded in great_expectations.yml too, not only by GX_ANALYTICS_ENABLED
+        variables.progress_bars = ProgressBarsConfig(globally=False)
+        variables.save()
+    return GxProject(context, gx_project_dir(cfg))  # GX keeps its files in <project_root_dir>/gx
 
 
 # ------------------------------------------------------------------ derived per-row facts
@@ -157,7 +232,7 @@ def _add_flag(df: pd.DataFrame, name: str, problems: pd.Series) -> None:
 
 def _s2i_suite(df: pd.DataFrame, cfg: DataConfig, required=ROW_COLUMNS, task_types=TASK_TYPES, strict_size: bool = True,
                min_images: int = 2) -> Suite:
-    gx, _ = _gx()
+    gx = _gx()
     E = gx.expectations
     exp, details = [], {}
     if "image" in df:
@@ -180,7 +255,7 @@ def _s2i_suite(df: pd.DataFrame, cfg: DataConfig, required=ROW_COLUMNS, task_typ
 
 
 def _bench_suite(df: pd.DataFrame, cfg: DataConfig, bench_dir: Path, required=BENCH_COLUMNS, all_tasks: bool = True, strict_size: bool = True) -> Suite:
-    gx, _ = _gx()
+    gx = _gx()
     E = gx.expectations
     exp, details = [], {}
     if "input_images" in df:
@@ -205,7 +280,7 @@ def _bench_suite(df: pd.DataFrame, cfg: DataConfig, bench_dir: Path, required=BE
 def _srum_suite(df: pd.DataFrame, cfg: DataConfig) -> Suite:
     from data.formats.srum_prompts import CATEGORIES
 
-    gx, _ = _gx()
+    gx = _gx()
     E = gx.expectations
     exp, details = [], {}
     if "target" in df:
@@ -388,17 +463,27 @@ def _summary_text(name: str, failures: list[dict], n_expectations: int, n_rows: 
     return "\n".join(lines + _failure_lines(failures))
 
 
-def run_suite(name: str, suite: Suite) -> dict:
-    gx, context = _gx()
+def run_suite(name: str, suite: Suite, project: GxProject, run_name: str = "all-rows") -> dict:
+    """Validate suite.frame with the dataset's suite (updated in place) through its Checkpoint, which also
+    renders the Data Docs pages of the result."""
+    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    gx = _gx()
     E = gx.expectations
-    n = next(_run_ids)
+    context = project.context
     expectations = [E.ExpectColumnToExist(column=c) for c in suite.required]
     expectations.append(E.ExpectTableRowCountToBeBetween(min_value=1))
     expectations += suite.expectations
-    gx_suite = context.suites.add(gx.ExpectationSuite(name=f"{name}-{n}", expectations=expectations))
-    batch = context.data_sources.add_pandas(f"{name}-{n}").add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name=f"{name}-{n}", data=batch, suite=gx_suite))
-    result = definition.run(batch_parameters={"dataframe": suite.frame}, result_format={"result_format": "COMPLETE"})
+    gx_suite = context.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=expectations))
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=name, data=project.batch_definition(name), suite=gx_suite))
+    checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
+        name=name, validation_definitions=[definition],
+        actions=[UpdateDataDocsAction(name="update_data_docs", site_names=[DATA_DOCS_SITE])],
+        result_format={"result_format": "COMPLETE"}))
+    outcome = checkpoint.run(batch_parameters={"dataframe": suite.frame}, run_id=RunIdentifier(run_name=run_name))
+    (result,) = outcome.run_results.values()
     failures = [_describe_failure(er, suite) for er in result.results if not er.success]
     # a required column missing from some shards only: pandas fills it in, so GX alone would not notice
     failures += [{"expectation": "expect_column_to_exist", "column": c, "kwargs": {}, "shards": shards}
@@ -424,7 +509,7 @@ def _table_level(failures: list[dict]) -> bool:
     return any("unexpected_count" not in f for f in failures)
 
 
-def _quarantine(name: str, suite: Suite, report: dict, cfg: DataConfig) -> dict:
+def _quarantine(name: str, suite: Suite, report: dict, cfg: DataConfig, project: GxProject) -> dict:
     """Take the rows failing a row check out, into validation/quarantine/<name>.parquet; decide on the rest."""
     qpath = validation_quarantine_path(cfg.root, name)
     if suite.row_filter is None or _table_level(report["failures"]):
@@ -453,7 +538,7 @@ def _quarantine(name: str, suite: Suite, report: dict, cfg: DataConfig) -> dict:
         return report
     if report["failures"]:  # every failure may be one of the quarantined rows: the clean rows must pass on their own
         clean_suite = suite.rebuild(pd.DataFrame(clean))
-        clean_report = run_suite(name, clean_suite)
+        clean_report = run_suite(name, clean_suite, project, run_name="clean-rows")
         report["raw_failures"], report["failures"] = report["failures"], clean_report["failures"]
         report["success"] = clean_report["success"]
     warning = f"WARNING: {share}; training skips them"
@@ -472,17 +557,22 @@ def _quarantine(name: str, suite: Suite, report: dict, cfg: DataConfig) -> dict:
 
 
 def validate_dataset(name: str, cfg: DataConfig) -> dict:
-    """Run the dataset's suite, quarantine a training dataset's bad rows, write validation/<name>.json;
-    raise DataValidationError when it fails."""
+    """Run the dataset's suite through its GX Checkpoint (Data Docs included), quarantine a training dataset's bad
+    rows, write validation/<name>.json; raise DataValidationError when it fails."""
     started = time.perf_counter()
+    project = gx_project(cfg)
+    project.forget_results(name)
     try:
         suite = _suite_for(name, cfg)
     except FileNotFoundError as e:
         report = {"dataset": name, "success": False, "summary": f"{name}: validation FAILED, {e}", "failures": []}
+        project.context.build_data_docs(site_names=[DATA_DOCS_SITE])  # the index must not list a result just forgotten
     else:
-        report = _quarantine(name, suite, run_suite(name, suite), cfg)
+        report = _quarantine(name, suite, run_suite(name, suite, project), cfg, project)
         if not report["success"]:
             report["summary"] += f"\n  fix: {suite.fix}"
+    if project.docs_index.exists():
+        report["data_docs"] = str(project.docs_index)
     report["seconds"] = round(time.perf_counter() - started, 3)
     out = validation_dir(cfg) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
