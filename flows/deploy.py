@@ -47,3 +47,4 @@ def serve(params_path: str = "params.yaml", path: str = "prefect.yaml") -> None:
             description=dep.get("description"), concurrency_limit=dep.get("concurrency_limit"),
         ))
     prefect_serve(*deployments, limit=1)
+

@@ -41,6 +41,10 @@ def environment(dst: Path) -> dict:
            "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.invalid",
            "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.invalid"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    # an in-process training test of this pytest run leaves a torch.distributed rendezvous in os.environ (and its
+    # port bound): a child `scone` must pick its own
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(key, None)
     return env
 
 
