@@ -33,7 +33,7 @@ def train_stage_remote(stage: str, lock_yaml: str, handover_key: str, params_pat
     target = fr.train_stage(stage)
     with artifacts_lock(Paths.from_params(params).root, command=f"scone train-stage {stage} (remote)"):
         handover.merge_lock(root, lock_yaml)
-        handover.pull(root, [target], with_deps=True)  # the data and the init checkpoint, as the chain made them
+        handover.pull_inputs(root, target)  # the data and the init checkpoint, as the chain made them
         ledger.run_if_stale(target, train_stage_task, params, stage, log=log)
         handover.push(root, [target])
     entry = handover.lock_entry(root, target)

@@ -37,6 +37,25 @@ def pull(root: Path, targets: list[str], with_deps: bool = False) -> None:
         repo.pull(targets=targets, with_deps=with_deps)
 
 
+def stage_inputs(root: Path, stage: str) -> list[str]:
+    """The outputs of other stages that `stage` reads: what a machine needs before it can run the stage."""
+    def related(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+    with _dvc_errors(f"inputs of {stage}"), _repo(root) as repo:
+        target = repo.stage.collect(stage)[0]
+        deps = [str(d.def_path) for d in target.deps]
+        outs = {str(o.def_path) for s in repo.index.stages if s.addressing != target.addressing for o in s.outs}
+    return sorted(o for o in outs if any(related(o, d) for d in deps))
+
+
+def pull_inputs(root: Path, stage: str) -> list[str]:
+    targets = stage_inputs(root, stage)
+    if targets:
+        pull(root, targets)
+    return targets
+
+
 def read_lock(root: Path) -> str:
     path = Path(root) / LOCK
     return path.read_text() if path.exists() else "schema: '2.0'\nstages: {}\n"

@@ -260,6 +260,30 @@ def test_a_moved_checkout_reruns_nothing_and_holds_no_absolute_path(reference, t
     assert registry_state(moved) == registry_state(root)
 
 
+def test_a_crafted_pickle_in_training_state_is_refused_by_scone_train(reference, tmp_path):
+    import pickle
+
+    root, env, _, _ = reference
+    marker = tmp_path / "pwned"
+    state = root / "artifacts/work/train/stage1_step1/ds_state"
+    (state / "step0000002").mkdir(parents=True)
+    (state / "latest").write_text("step0000002")
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (state / "step0000002" / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps({"module": Payload()}))
+    try:
+        out = run(["scone", "train", "--stage", "stage1_step1"], root, env, check=False)
+        TALLY["pickles_executed"] += int(marker.exists())
+        assert not marker.exists()
+        assert out.returncode == 2 and "mp_rank_00_model_states.pt: refused to load" in out.stderr, out.stderr[-2000:]
+    finally:
+        shutil.rmtree(root / "artifacts/work")
+    assert stale_stages(root, env) == set()  # the published checkpoint was never touched
+
+
 def test_push_to_a_remote_and_a_fresh_clone_that_pulls_reruns_nothing(reference, tmp_path_factory):
     root, env, _, ref_scores = reference
     remote = tmp_path_factory.mktemp("dvc-remote")
