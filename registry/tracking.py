@@ -107,6 +107,22 @@ def git_commit(root: Path = Path(".")) -> CodeVersion:
     return CodeVersion(commit, dirty=bool(status))
 
 
+def source_tags(root: Path = Path("."), entry_point: str = "scone") -> dict[str, str]:
+    """MLflow's standard source tags of a run: the entry point (a command, never a path), LOCAL, the full commit."""
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    tags = {MLFLOW_SOURCE_NAME: entry_point, MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL)}
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+        if out.returncode == 0 and out.stdout.strip():
+            tags[MLFLOW_GIT_COMMIT] = out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return tags
+
+
 def file_md5(path: Path) -> str:
     """md5 of a file, read in 1 MiB blocks."""
     h = hashlib.md5()
@@ -313,6 +329,25 @@ class Tracker:
         if not local_file.is_file():
             raise FileNotFoundError(f"artifact file {local_file} not found")
         self.client.log_artifact(run_id, str(local_file), artifact_path)
+
+    def log_datasets(self, run_id: str, paths: list[str | Path], context: str = "training") -> dict[str, str]:
+        """Each dataset folder as an `mlflow.data` input of the run: a MetaDataset named after the folder, its
+        source the folder relative to the repo root, its digest the DVC md5 (`dvc_data_hash`). Returns name -> digest."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs, digests = [], {}
+        for p in paths:
+            rel = Path(os.path.relpath(Path(self.root, p), self.root)).as_posix()
+            digest = dvc_data_hash([rel], self.root)
+            ds = MetaDataset(LocalArtifactDatasetSource(rel), name=Path(rel).name, digest=digest)
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+            digests[ds.name] = digest
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+        return digests
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]

@@ -1,4 +1,9 @@
-"""Register a checkpoint in MLflow (run + model version with metrics, params, data and code version), then gate it.
+"""Register a checkpoint in MLflow, then gate it.
+
+The run holds everything measured: params, the training curves (metrics.jsonl) and a loss plot, the evaluation
+scores and summary, the datasets as `mlflow.data` inputs (DVC digests), MLflow's source tags. The version is an
+MLflow model (pyfunc over the generation pipeline, registry.models) with a short list of tags: stage, code and
+data version, weights md5, headline scores, gate verdict.
 
 Idempotent: weights that are already registered keep their version. When their scores were recomputed (an
 evaluation code or settings change), the version gets the new metrics and is gated again, so the registry shows
@@ -13,7 +18,7 @@ from pathlib import Path
 from prefect import task
 
 from registry.tracking import file_md5
-from tasks.atomic import write_json
+from tasks.atomic import staged, write_json
 from tasks.checkpoints import data_dirs, is_srum, srum_index, stage_of
 from tasks.paths import Paths
 
@@ -56,10 +61,20 @@ def checkpoint_metrics(params, name: str) -> dict[str, float]:
     return metrics
 
 
+def sampling_settings(params, name: str) -> dict:
+    """The settings the checkpoint's scores were measured with: the registered pipeline samples with them."""
+    from tasks.checkpoints import uses_bridge
+
+    s = params.eval.sampling
+    return {"steps": s.steps, "cfg_text": s.cfg_text, "cfg_image": s.cfg_image, "bridge": uses_bridge(params, name),
+            "seed": params.eval.seed}
+
+
 def register_step(params, name: str) -> dict:
     from registry.gate import TAG_DECISION, apply_gate
     from registry.models import register_checkpoint
-    from registry.tracking import Tracker, dvc_data_hash
+    from registry.plots import loss_plot
+    from registry.tracking import Tracker, dvc_data_hash, source_tags
 
     paths = Paths.from_params(params)
     ckpt = paths.checkpoint(name)
@@ -72,13 +87,23 @@ def register_step(params, name: str) -> dict:
     model_name = params.registry.model_name
     existing = _already_registered(tracker.client, model_name, md5)
     if existing is None:
-        with tracker.run(name, data_hash=dvc_data_hash(data_dirs(params, name), Path("."))) as run_id:
+        datasets = data_dirs(params, name)
+        run_tags = source_tags(Path("."), f"scone register ({name})")
+        with tracker.run(name, data_hash=dvc_data_hash(datasets, Path(".")), tags=run_tags) as run_id, \
+                staged(paths.root, f"register-{name}") as tmp:
             stage = stage_of(params, name)
             tracker.log_params(run_id, {"model": params.model.model_dump(), "train": params.train.model_dump(exclude={"stages"}),
                                         "stage": params.train.stages[stage].model_dump(), "eval": params.eval.model_dump(),
                                         **({"srum": params.srum.model_dump()} if is_srum(name) else {})})
+            tracker.log_datasets(run_id, datasets)
             if (ckpt / "metrics.jsonl").exists():
                 tracker.log_metrics_file(run_id, ckpt / "metrics.jsonl")
+                plot = loss_plot(ckpt / "metrics.jsonl", tmp / "loss.png", title=f"{name}: training loss")
+                if plot is not None:
+                    tracker.log_artifact(run_id, plot, "plots")
+            t2i = paths.score_dir(name) / "t2i.json"
+            if t2i.exists():
+                tracker.log_artifact(run_id, t2i, "eval")
             tracker.set_tags(run_id, {TAG_WEIGHTS_MD5: md5})
             # the identity tags are part of the version's creation: a kill right after it still finds it
             version = register_checkpoint(
@@ -86,6 +111,7 @@ def register_step(params, name: str) -> dict:
                 description=f"{name}: SconeEval Overall {metrics.get('sconeeval.overall', float('nan')):.3f}",
                 eval_summary=paths.score_dir(name) / name / "summary.json",
                 extra_tags={TAG_WEIGHTS_MD5: md5, TAG_METRICS_MD5: scores_md5},
+                sampling=sampling_settings(params, name), staging=tmp,
             )
         existing = tracker.client.get_model_version(model_name, version.version)
         fresh = True

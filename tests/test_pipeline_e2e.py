@@ -87,8 +87,7 @@ def test_versions_are_mlflow_models_with_the_short_tag_list(clone, monkeypatch):
     run_id = con.execute("select run_id from model_versions where name='scone-tiny' and version='1'").fetchone()[0]
     assert con.execute("select count(*) from inputs where destination_id=?", (run_id,)).fetchone()[0] >= 1
     monkeypatch.chdir(root)  # the store's locations are relative to the repo root
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'artifacts' / 'mlflow.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{root / 'artifacts' / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'artifacts' / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/scone-tiny@champion")
     out = model.predict(pd.DataFrame({"instruction": ["a red circle"], "reference_images": [[]]}))
     assert decode_png(out["image"][0]).shape[2] == 3

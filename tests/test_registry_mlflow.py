@@ -8,7 +8,7 @@ from registry import SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL
 from registry.config import GateConfig, RegistryConfig
 from registry.gate import TAG_CHAMPION_BEFORE, TAG_DECISION, TAG_REASONS, apply_gate
 from registry.models import (
-    CANDIDATE_ALIAS, CHAMPION_ALIAS, register_checkpoint, version_by_alias, version_metrics,
+    CANDIDATE_ALIAS, CHAMPION_ALIAS, register_checkpoint, version_by_alias, version_metrics, version_model_id,
 )
 from registry.tracking import (
     TAG_DATA_HASH, TAG_KIND, TAG_STAGE, Tracker, dvc_data_hash, flatten_params, resolve_tracking_uri,
@@ -26,14 +26,24 @@ def _no_env_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def make_checkpoint(path: Path, payload: bytes = b"weights") -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "scone"}))
-    (path / "model.safetensors").write_bytes(payload)
-    (path / "tokenizer.json").write_text("{}")
+def make_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A real (tiny) checkpoint: registration logs it as a pyfunc model and checks its input example on it."""
+    import torch
+
+    from model.config import ModelConfig
+    from model.modeling import SconeModel, save_checkpoint
+    from model.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(["put", "the", "red", "square", "on", "beach"])
+    torch.manual_seed(seed)
+    save_checkpoint(SconeModel.from_model_config(ModelConfig(hidden_size=32, num_layers=3, num_heads=2),
+                                                 vocab_size=len(tok)), tok, path)
     (path / "global_step10").mkdir(exist_ok=True)  # resumable state: must not be registered
     (path / "global_step10" / "optim.pt").write_bytes(b"x" * 10)
     return path
+
+
+FAST = {"steps": 2, "cfg_text": 1.0, "cfg_image": 1.0}  # the input example is generated once at registration
 
 
 def scores(com, dis):
@@ -91,20 +101,24 @@ def test_register_then_gate_promote_reject_promote(tracker, tmp_path):
     versions = []
     for i, (name, s) in enumerate([("stage1_step1", scores(5.0, 7.0)), ("stage1_step2", scores(4.0, 6.0)),
                                    ("stage2_step1", scores(6.0, 8.0))]):
-        ckpt = make_checkpoint(tmp_path / name, payload=bytes([i]) * 8)
+        ckpt = make_checkpoint(tmp_path / name, seed=i)
         run_id = tracker.start_run(name, data_hash=f"data{i}")
-        rv = register_checkpoint(tracker, run_id, ckpt, model, s, description=f"{name} checkpoint")
+        rv = register_checkpoint(tracker, run_id, ckpt, model, s, description=f"{name} checkpoint", sampling=FAST)
         tracker.end_run(run_id)
         versions.append(rv)
         assert str(version_by_alias(client, model, CANDIDATE_ALIAS).version) == rv.version  # newest is candidate
 
     v1, v2, v3 = versions
     assert [v.version for v in versions] == ["1", "2", "3"]
-    # the version's source is the logged checkpoint: model files, no optimizer state
-    src = Path(v1.source.removeprefix("file://"))
-    assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
-    assert (src / "model.safetensors").read_bytes() == bytes([0]) * 8
+    # the version is a logged MLflow model whose `checkpoint` artifact holds the model files, no optimizer state
     mv1 = client.get_model_version(model, "1")
+    assert v1.source == mv1.source == f"models:/{v1.model_id}" and version_model_id(mv1) == v1.model_id
+    src = Path(client.get_logged_model(v1.model_id).artifact_location.removeprefix("file://"))
+    assert (src / "MLmodel").is_file()
+    assert sorted(p.name for p in (src / "artifacts" / "checkpoint").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert (src / "artifacts/checkpoint/model.safetensors").read_bytes() == \
+        (tmp_path / "stage1_step1" / "model.safetensors").read_bytes()
     assert mv1.tags[TAG_STAGE] == "stage1_step1" and mv1.tags[TAG_DATA_HASH] == "data0"
     assert version_metrics(client, mv1)[SCONEEVAL_OVERALL] == 6.0
     assert client.get_run(v1.run_id).data.metrics[SCONEEVAL_OVERALL] == 6.0  # logged on the run too
@@ -132,7 +146,7 @@ def test_register_then_gate_promote_reject_promote(tracker, tmp_path):
 def test_threshold_failure_rejects_first_candidate(tracker, tmp_path):
     model, client = "gate-threshold", tracker.client
     run_id = tracker.start_run("stage1_step1")
-    rv = register_checkpoint(tracker, run_id, make_checkpoint(tmp_path / "c"), model, scores(1.0, 9.0))
+    rv = register_checkpoint(tracker, run_id, make_checkpoint(tmp_path / "c"), model, scores(1.0, 9.0), sampling=FAST)
     d = apply_gate(client, model, rv.version, GateConfig(min_overall=0.5, min_com=2.0))
     assert not d.promote
     assert version_by_alias(client, model, CHAMPION_ALIAS) is None

@@ -1,0 +1,59 @@
+"""A registered checkpoint as an `mlflow.pyfunc` model: the project's generation pipeline over its weights.
+
+Logged as a model from code (`mlflow.pyfunc.log_model(python_model=<this file>, ...)`): MLflow stores this file
+as the model's code and runs it at load time; `set_model` below names the model. Nothing is pickled: the weights
+are the checkpoint folder (safetensors + config + tokenizer) logged as the `checkpoint` artifact, the sampling
+settings are the model_config, and the classes come from the installed `scone-ops` package.
+
+    model = mlflow.pyfunc.load_model("models:/scone-tiny@champion")
+    model.predict(pd.DataFrame({"instruction": ["..."], "reference_images": [[b64_png, ...]]}))  # -> `image`
+"""
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from registry.pyfunc_io import (
+    CHECKPOINT_ARTIFACT, IMAGE, INSTRUCTION, REFERENCE_IMAGES, decode_png, encode_png, reference_list,
+    sampling_settings,
+)
+
+
+class SconePipeline(PythonModel):
+    """Loads the checkpoint with `model.modeling.load_checkpoint`, generates with `model.sampler.generate`."""
+
+    def load_context(self, context):
+        from model.modeling import load_checkpoint
+
+        self.sampling = sampling_settings(context.model_config)
+        self.model, self.tokenizer = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+
+    # pd.DataFrame: MLflow validates the input against the logged signature, not a type hint
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        import torch
+
+        from model.batching import Example
+        from model.sampler import generate
+
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        if INSTRUCTION not in model_input.columns:
+            raise ValueError(f"input needs an `{INSTRUCTION}` column (and optionally `{REFERENCE_IMAGES}`: "
+                             f"base64 PNGs); got columns {list(model_input.columns)}")
+        refs = model_input[REFERENCE_IMAGES] if REFERENCE_IMAGES in model_input.columns else [None] * len(model_input)
+        limit = self.model.config.max_references
+        examples = []
+        for i, (text, cell) in enumerate(zip(model_input[INSTRUCTION], refs)):
+            images = [decode_png(r) for r in reference_list(cell)]
+            if len(images) > limit:
+                raise ValueError(f"row {i}: {len(images)} reference images, this model takes at most {limit}")
+            examples.append(Example(refs=images, instruction=str(text)))
+        s = sampling_settings(self.sampling, params)
+        with torch.no_grad():
+            out = generate(self.model, self.tokenizer, examples, steps=s["steps"], cfg_text=s["cfg_text"],
+                           cfg_image=s["cfg_image"], seed=s["seed"], bridge=s["bridge"])
+        return pd.DataFrame({IMAGE: [encode_png(img) for img in out]})
+
+
+mlflow.models.set_model(SconePipeline())
