@@ -540,6 +540,7 @@ def run_round(
     openai_cfg=None,
     max_regions: int = MAX_REGIONS,
     progress: bool = False,
+    live_metrics: dict | None = None,
 ) -> dict:
     """Generate K candidates per prompt, judge them, write rewards and maps, train; return the round summary.
 
@@ -588,7 +589,7 @@ def run_round(
     del model  # training loads the checkpoint afresh; the sampler's copy is not needed any more
 
     train_summary = train_srum_round(model_dir, candidates, srum_cfg, model_cfg, ckpt_dir, train=train_cfg,
-                                     progress=progress)
+                                     progress=progress, live_metrics=live_metrics)
 
     globals_ = [r["vlm_rewards"][0]["score"] for r in records]
     regional = [e["score"] for r in records for e in r["vlm_rewards"][1:]]

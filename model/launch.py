@@ -33,7 +33,7 @@ def _rel(path: str | Path) -> str:
 def write_run_config(stage_name: str, stage: StageConfig, train: TrainConfig, model_cfg: ModelConfig,
                      data_root: str | Path, out_dir: str | Path, init_checkpoint: str | Path | None,
                      num_ranks: int, progress: bool = True, model_family: str = DEFAULT_FAMILY,
-                     max_quarantine_fraction: float = 0.05) -> Path:
+                     max_quarantine_fraction: float = 0.05, live_metrics: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = {
@@ -50,6 +50,7 @@ def write_run_config(stage_name: str, stage: StageConfig, train: TrainConfig, mo
         "progress": progress,
         "model_family": model_family,
         "max_quarantine_fraction": max_quarantine_fraction,
+        "live_metrics": live_metrics,
     }
     path = out_dir / RUN_CONFIG
     path.write_text(json.dumps(cfg, indent=2) + "\n")
@@ -73,6 +74,7 @@ def read_run_config(path: str | Path) -> dict:
         "progress": cfg["progress"],
         "model_family": cfg["model_family"],
         "max_quarantine_fraction": cfg.get("max_quarantine_fraction", 0.05),
+        "live_metrics": cfg.get("live_metrics"),
     }
 
 
@@ -117,7 +119,7 @@ def _run_torchrun(cmd: list[str], log_path: Path, echo: bool, num_ranks: int = 1
 def run_stage(stage_name: str, stage: StageConfig, train: TrainConfig, model_cfg: ModelConfig,
               data_root: str | Path, out_dir: str | Path, init_checkpoint: str | Path | None = None,
               num_ranks: int | None = None, progress: bool = True, *, model_family: str = DEFAULT_FAMILY,
-              max_quarantine_fraction: float = 0.05) -> dict:
+              max_quarantine_fraction: float = 0.05, live_metrics: dict | None = None) -> dict:
     """Train `stage_name` on `num_ranks` ranks (default train.num_ranks) and return its summary."""
     num_ranks = num_ranks or train.num_ranks
     if num_ranks < 1:
@@ -130,7 +132,7 @@ def run_stage(stage_name: str, stage: StageConfig, train: TrainConfig, model_cfg
     if done is not None:
         return done
     run_config = write_run_config(stage_name, stage, train, model_cfg, data_root, out_dir, init_checkpoint,
-                                  num_ranks, progress, model_family, max_quarantine_fraction)
+                                  num_ranks, progress, model_family, max_quarantine_fraction, live_metrics)
     if num_ranks == 1:
         return train_stage(**read_run_config(run_config))
     _run_torchrun(torchrun_command(run_config, num_ranks), out_dir / WORKER_LOG, echo=progress, num_ranks=num_ranks)

@@ -163,8 +163,11 @@ def train_srum_round(
     *,
     train: TrainConfig | None = None,
     progress: bool = False,
+    live_metrics: dict | None = None,
 ) -> dict:
     """Train `model_dir`'s checkpoint on one round of scored candidates; return the summary.
+
+    `live_metrics` ({"tracking_uri", "run_id"}) streams each step's row to that MLflow run (model.live_metrics).
 
     `model_cfg` (optional) is checked against the checkpoint's own config; the checkpoint is the authority.
     `train` supplies ZeRO stage and precision (defaults: ZeRO-2, auto precision -> fp32 on CPU).
@@ -206,6 +209,9 @@ def train_srum_round(
     if rank == 0:
         metrics_path.write_text("")
     history: list[dict] = []
+    from model.live_metrics import open_live_metrics
+
+    live = open_live_metrics(live_metrics) if rank == 0 else None
     bar = tqdm(total=srum_cfg.steps, desc="srum", unit="step", disable=not (progress and rank == 0))
     t_loop = time.perf_counter()
     try:
@@ -237,6 +243,8 @@ def train_srum_round(
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+                if live is not None:
+                    live(row)
             bar.update(1)
         loop_s = time.perf_counter() - t_loop
         state = _state_dict(eng.module.model, train_cfg.zero_stage)
@@ -276,4 +284,6 @@ def train_srum_round(
         return summary
     finally:
         bar.close()
+        if live is not None:
+            live.close()
         eng.destroy()

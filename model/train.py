@@ -323,6 +323,7 @@ def train_stage(
     *,
     model_family: str = DEFAULT_FAMILY,
     max_quarantine_fraction: float = 0.05,
+    live_metrics: dict | None = None,
 ) -> dict:
     """Train one stage on the ranks of the current process group (or alone) and return its summary.
 
@@ -391,6 +392,9 @@ def train_stage(
 
     log = MetricsLog(out_dir / METRICS, start_step=step, wall_before=float(client.get("train_wall_s", 0.0)),
                      global_batch=sharding.global_batch, write=rank == 0)
+    from model.live_metrics import open_live_metrics
+
+    live = open_live_metrics(live_metrics) if rank == 0 else None  # {"tracking_uri", "run_id"} or None
     setup_s = time.perf_counter() - t_start
     bar = tqdm(total=stage.steps, initial=step, desc=stage_name, unit="step", disable=not (progress and rank == 0))
     try:
@@ -412,6 +416,8 @@ def train_stage(
                 dist.all_reduce(losses)
                 row = log.log(step, losses.cpu() / (train.grad_accum * world), lr, eng.get_global_grad_norm(),
                               position)
+                if live is not None:
+                    live(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if progress and rank == 0:  # a plain line too: orchestrators (Prefect's log_prints) log prints
                     print(f"{stage_name}: step {step}/{stage.steps} loss {row['loss']:.4f} "
@@ -458,6 +464,8 @@ def train_stage(
         return summary
     finally:
         bar.close()
+        if live is not None:
+            live.close()
         on_accelerator = eng.device.type != "cpu"
         eng.destroy()
         del eng

@@ -248,6 +248,40 @@ class Tracker:
         all_tags.update(tags or {})
         return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
 
+    def existing_run(self, run_id: str | None) -> str | None:
+        """`run_id` when this store holds it (a clone's fresh store does not hold the original's runs)."""
+        if not run_id:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.run_id
+        except MlflowException:
+            return None
+
+    def live_destination(self, run_id: str) -> dict:
+        """Where training processes log a run's metrics: the store as configured (a relative SQLite path resolves
+        in the working directory the ranks share), so nothing absolute lands in the run config."""
+        return {"tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or self.cfg.tracking_uri, "run_id": run_id}
+
+    @contextmanager
+    def continue_run(self, run_id: str | None, name: str, kind: str | None = None, data_hash: str | None = None,
+                     tags: Mapping[str, str] | None = None) -> Iterator[str]:
+        """Like `run`, on the run the checkpoint was trained in when there is one (its live curves and system
+        metrics stay beside the registration), else on a new run."""
+        if run_id is None:
+            with self.run(name, kind, data_hash, tags) as new_id:
+                yield new_id
+            return
+        self.client.update_run(run_id, status="RUNNING")
+        self.set_tags(run_id, {**({TAG_DATA_HASH: data_hash} if data_hash else {}), **(tags or {})})
+        try:
+            yield run_id
+        except BaseException:
+            self.end_run(run_id, RunStatus.to_string(RunStatus.FAILED))
+            raise
+        self.end_run(run_id)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 

@@ -65,6 +65,11 @@ class Paths:
         """Headline scores of one checkpoint, flat JSON: a DVC metrics file (`dvc metrics show|diff`, `dvc exp show`)."""
         return self.metrics / "sconeeval" / f"{name}.json"
 
+    @property
+    def leaderboard(self) -> Path:
+        """Every checkpoint's headline scores in chain order: a DVC plots file (`dvc plots show`, a bar chart)."""
+        return self.metrics / "leaderboard.json"
+
     def loss_curve(self, name: str) -> Path:
         """Training curve of one checkpoint as a JSON list of rows: a DVC plots file (`dvc plots show`)."""
         return self.metrics / "loss" / f"{name}.json"

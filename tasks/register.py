@@ -75,6 +75,7 @@ def register_step(params, name: str) -> dict:
     from registry.models import register_checkpoint
     from registry.plots import loss_plot
     from registry.tracking import Tracker, dvc_data_hash, source_tags
+    from tasks.mlflow_runs import recorded_run
 
     paths = Paths.from_params(params)
     ckpt = paths.checkpoint(name)
@@ -89,15 +90,17 @@ def register_step(params, name: str) -> dict:
     if existing is None:
         datasets = data_dirs(params, name)
         run_tags = source_tags(Path("."), f"scone register ({name})")
-        with tracker.run(name, data_hash=dvc_data_hash(datasets, Path(".")), tags=run_tags) as run_id, \
-                staged(paths.root, f"register-{name}") as tmp:
+        trained_in = recorded_run(tracker, ckpt)  # the run the checkpoint's curves streamed to, if this store has it
+        with tracker.continue_run(trained_in, name, data_hash=dvc_data_hash(datasets, Path(".")), tags=run_tags) \
+                as run_id, staged(paths.root, f"register-{name}") as tmp:
             stage = stage_of(params, name)
             tracker.log_params(run_id, {"model": params.model.model_dump(), "train": params.train.model_dump(exclude={"stages"}),
                                         "stage": params.train.stages[stage].model_dump(), "eval": params.eval.model_dump(),
                                         **({"srum": params.srum.model_dump()} if is_srum(name) else {})})
             tracker.log_datasets(run_id, datasets)
             if (ckpt / "metrics.jsonl").exists():
-                tracker.log_metrics_file(run_id, ckpt / "metrics.jsonl")
+                if trained_in is None:  # no live curves: replay the training log
+                    tracker.log_metrics_file(run_id, ckpt / "metrics.jsonl")
                 plot = loss_plot(ckpt / "metrics.jsonl", tmp / "loss.png", title=f"{name}: training loss")
                 if plot is not None:
                     tracker.log_artifact(run_id, plot, "plots")
@@ -139,7 +142,14 @@ def register_all_step(params) -> list[dict]:
     """Every checkpoint of the chain, in chain order (the gate compares each with the champion before it)."""
     from tasks.paths import checkpoint_names
 
-    return [register_step(params, name) for name in checkpoint_names(params)]
+    records = [register_step(params, name) for name in checkpoint_names(params)]
+    write_json(Paths.from_params(params).leaderboard, [
+        {"checkpoint": r["name"], "version": int(r["version"]), "gate": r.get("decision"),
+         **{k.replace("sconeeval.", "sconeeval_"): round(v, 6) for k, v in r["metrics"].items()
+            if k in ("sconeeval.overall", "sconeeval.com", "sconeeval.dis")},
+         "t2i_accuracy": round(r["metrics"].get("t2i.mean", 0.0), 6)}
+        for r in records])
+    return records
 
 
 register_task = task(register_step, name="register", task_run_name="register-{name}")

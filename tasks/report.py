@@ -17,7 +17,24 @@ def report_step(params) -> Path:
         build_report(paths.root, params.registry.tracking_uri, params.registry.model_name,
                      out=tmp / "reports" / "index.html")
         publish([(tmp / "reports", paths.reports)])
+    log_report_to_candidate_run(params, paths.reports)
     return paths.reports / "index.html"
+
+
+def log_report_to_candidate_run(params, reports: Path) -> str | None:
+    """The report (HTML + pictures) as artifacts of the newest version's run, so the MLflow UI shows it too."""
+    from registry.models import CANDIDATE_ALIAS, version_by_alias
+    from registry.tracking import Tracker, sqlite_path
+
+    tracker = Tracker(params.registry, Path("."))
+    db = sqlite_path(tracker.tracking_uri)
+    if db is not None and not db.exists():  # nothing registered: no run to attach it to (and no store to create)
+        return None
+    candidate = version_by_alias(tracker.client, params.registry.model_name, CANDIDATE_ALIAS)
+    if candidate is None or not candidate.run_id:
+        return None
+    tracker.log_artifacts(candidate.run_id, reports, "report")
+    return candidate.run_id
 
 
 report_task = task(report_step, name="report")

@@ -10,6 +10,7 @@ from prefect import task
 from tasks.atomic import publish, repoint_json, staged
 from tasks.paths import Paths, srum_name
 from tasks.dvc_metrics import write_loss_curve
+from tasks.mlflow_runs import open_mlflow_run
 
 
 def srum_round_step(params, index: int) -> dict:
@@ -25,19 +26,26 @@ def srum_round_step(params, index: int) -> dict:
     name = srum_name(index)
     with staged(paths.root, name) as tmp:
         srum_root, ckpt = tmp / "rounds", tmp / "checkpoint"  # neither name a prefix of the other
-        summary = run_round(
-            init,
-            read_prompts(paths.data / "srum_prompts" / "prompts.jsonl"),
-            params.srum,
-            params.eval.sampling,
-            srum_root,
-            index,
-            ckpt_dir=ckpt,
-            model_cfg=params.model,
-            train_cfg=params.train,
-            openai_cfg=params.eval.openai,
-            progress=True,
-        )
+        tracker, run_id = open_mlflow_run(params, name, ckpt, kind="srum")
+        try:
+            summary = run_round(
+                init,
+                read_prompts(paths.data / "srum_prompts" / "prompts.jsonl"),
+                params.srum,
+                params.eval.sampling,
+                srum_root,
+                index,
+                ckpt_dir=ckpt,
+                model_cfg=params.model,
+                train_cfg=params.train,
+                openai_cfg=params.eval.openai,
+                progress=True,
+                live_metrics=tracker.live_destination(run_id),
+            )
+        except BaseException:
+            tracker.end_run(run_id, "FAILED")
+            raise
+        tracker.end_run(run_id)
         round_dir = srum_root / paths.srum_round(index).name
         for folder in (round_dir, ckpt):
             repoint_json(folder, srum_root, paths.srum)

@@ -14,6 +14,7 @@ from prefect import task
 
 from tasks.atomic import publish, staged
 from tasks.dvc_metrics import write_loss_curve
+from tasks.mlflow_runs import open_mlflow_run
 from tasks.paths import Paths
 
 # Files of the working folder that are how the stage was run, not the model.
@@ -32,8 +33,16 @@ def train_step(params, stage_name: str) -> dict:
     work = paths.train_work(stage_name)
 
     def run():
-        return run_stage(stage_name, stage, params.train, params.model, paths.data, work, init_checkpoint=init,
-                         max_quarantine_fraction=params.data.quality.max_quarantine_fraction)
+        tracker, run_id = open_mlflow_run(params, stage_name, work)
+        try:
+            result = run_stage(stage_name, stage, params.train, params.model, paths.data, work, init_checkpoint=init,
+                               max_quarantine_fraction=params.data.quality.max_quarantine_fraction,
+                               live_metrics=tracker.live_destination(run_id))
+        except BaseException:
+            tracker.end_run(run_id, "FAILED")  # a resumed run re-opens it
+            raise
+        tracker.end_run(run_id)
+        return result
 
     try:
         summary = run()

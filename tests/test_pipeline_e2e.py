@@ -62,10 +62,21 @@ def test_every_checkpoint_is_a_registered_version_with_a_gate_decision(clone):
     aliases = dict(con.execute("select alias, version from registered_model_aliases where name='scone-tiny'"))
     assert aliases["candidate"] == max(v for v, _ in versions)
     assert "champion" in aliases  # min_overall 0: the first version passes the gate
-    # training curves reached MLflow
+    # training curves reached MLflow, live, in the run the version was then registered from: one run per
+    # checkpoint (training or SRUM round, its scores, its registration), all finished
     run_id = versions[0][1]
     n = con.execute("select count(*) from metrics where run_uuid=? and key='loss'", (run_id,)).fetchone()[0]
     assert n >= 1
+    runs = dict(con.execute("select run_uuid, status from runs"))
+    assert set(runs) == {r for _, r in versions} and set(runs.values()) == {"FINISHED"}
+    for name in ("stage1_step1", "srum_round1"):
+        recorded = json.loads((root / "artifacts/checkpoints" / name / "mlflow_run.json").read_text())["run_id"]
+        assert recorded in runs
+        assert con.execute("select count(*) from metrics where run_uuid=? and key='sconeeval.overall'",
+                           (recorded,)).fetchone()[0] >= 1  # evaluation logged into the same run
+        assert list((root / "artifacts/mlruns").glob(f"**/{recorded}/artifacts/samples/samples.png"))
+    newest = max(versions, key=lambda v: int(v[0]))[1]
+    assert list((root / "artifacts/mlruns").glob(f"**/{newest}/artifacts/report/index.html"))  # the report, on its run
 
 
 def test_versions_are_mlflow_models_with_the_short_tag_list(clone, monkeypatch):
@@ -114,3 +125,26 @@ def test_dvc_is_up_to_date_after_the_pipeline_and_sees_a_data_change(clone):
     dry = _run(["dvc", "repro", "--dry"], root, env).stdout
     assert "Running stage 'build_srum_prompts'" in dry
     assert "Running stage 'train@stage1_step1'" not in dry  # training data untouched: Stage I is not re-run
+
+
+def test_dvc_metrics_plots_and_prefect_artifacts_show_every_checkpoint(clone):
+    root, env = clone
+    metrics = _run(["dvc", "metrics", "show", "--json"], root, env).stdout
+    metrics = next(iter(json.loads(metrics[metrics.index("{"):]).values()))["data"]  # keyed by revision
+    for name in ["stage1_step1", "stage1_step2", "stage2_step1", "stage2_step2", "srum_round1"]:
+        scores = metrics[f"artifacts/metrics/sconeeval/{name}.json"]["data"]
+        assert set(scores) >= {"sconeeval_overall", "sconeeval_com", "sconeeval_dis", "t2i_accuracy"}
+    plots = _run(["dvc", "plots", "show", "--json"], root, env).stdout
+    plots = json.loads(plots[plots.index("{"):])["data"]
+    assert "artifacts/metrics/leaderboard.json" in plots and "artifacts/metrics/loss/srum_round1.json" in plots
+    board = json.loads((root / "artifacts/metrics/leaderboard.json").read_text())
+    assert [r["checkpoint"] for r in board] == ["stage1_step1", "stage1_step2", "stage2_step1", "stage2_step2",
+                                                "srum_round1"]
+    # the flow run's artifacts, as the Prefect UI lists them (the ephemeral server's database in PREFECT_HOME)
+    con = sqlite3.connect(root / ".prefect" / "prefect.db")
+    keys = {k for (k,) in con.execute("select key from artifact")}
+    assert {"sconeeval-scores", "gate-decisions", "report"} <= keys
+    table = json.loads(con.execute("select data from artifact where key='sconeeval-scores' order by created desc")
+                       .fetchone()[0])
+    table = json.loads(table) if isinstance(table, str) else table  # the table is stored as JSON text
+    assert len(table) == 5 and all(row["gate"] in ("promoted", "rejected") for row in table)
