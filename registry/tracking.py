@@ -270,11 +270,10 @@ class Tracker:
         """Like `run`, on the run the checkpoint was trained in when there is one (its live curves and system
         metrics stay beside the registration), else on a new run."""
         if run_id is None:
-            with self.run(name, kind, data_hash, tags) as new_id:
-                yield new_id
-            return
-        self.client.update_run(run_id, status="RUNNING")
-        self.set_tags(run_id, {**({TAG_DATA_HASH: data_hash} if data_hash else {}), **(tags or {})})
+            run_id = self.start_run(name, kind, data_hash, tags)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(run_id, {**({TAG_DATA_HASH: data_hash} if data_hash else {}), **(tags or {})})
         try:
             yield run_id
         except BaseException:
@@ -289,13 +288,8 @@ class Tracker:
     def run(self, name: str, kind: str | None = None, data_hash: str | None = None,
             tags: Mapping[str, str] | None = None) -> Iterator[str]:
         """`with tracker.run("stage1_step1") as run_id:` — FAILED when the block raises, FINISHED otherwise."""
-        run_id = self.start_run(name, kind, data_hash, tags)
-        try:
+        with self.continue_run(None, name, kind, data_hash, tags) as run_id:
             yield run_id
-        except BaseException:
-            self.end_run(run_id, RunStatus.to_string(RunStatus.FAILED))
-            raise
-        self.end_run(run_id)
 
     def find_run(self, name: str, kind: str | None = None) -> str | None:
         """The newest run for checkpoint `name` (lets a resumed pipeline attach evaluation to its training run)."""
