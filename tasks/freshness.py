@@ -66,6 +66,11 @@ def _dvc_errors(what: str):
         dvc_log.setLevel(level)
 
 
+def stage_target(root: Path, stage: str) -> str:
+    """DVC reads a bare stage name against the working directory's dvc.yaml; name the project's file instead."""
+    return f"{Path(root).resolve() / 'dvc.yaml'}:{stage}"
+
+
 @dataclass
 class Ledger:
     """Answers "must this stage run?" and records a recomputed stage, from the DVC project at `root`."""
@@ -101,7 +106,7 @@ class Ledger:
         if not self.enabled:
             return [f"not checked: {self.reason}"]
         with _dvc_errors(f"status {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
-            status = repo.status(targets=[stage])
+            status = repo.status(targets=[stage_target(self.root, stage)])
         return [c for entries in status.values() for c in entries]
 
     def record(self, stage: str) -> None:
@@ -110,7 +115,7 @@ class Ledger:
         if not self.enabled:
             return
         with _dvc_errors(f"commit {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
-            repo.commit(stage, force=True)
+            repo.commit(stage_target(self.root, stage), force=True)
 
     def run_if_stale(self, stage: str, step, *args, log=None):
         """Run `step(*args)` when `stage` is stale, then record the stage; else say it is up to date."""

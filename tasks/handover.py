@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.freshness import _dvc_errors
+from tasks.freshness import _dvc_errors, stage_target
 
 LOCK = "dvc.lock"
 
@@ -25,16 +25,24 @@ def _repo(root: Path):
     return Repo(str(root))
 
 
+def _targets(root: Path, targets: list[str] | None) -> list[str] | None:
+    """Stage names and output paths as DVC resolves them from any working directory."""
+    if targets is None:
+        return None
+    return [stage_target(root, t) if "@" in t or not ("/" in t or "." in t) else str(Path(root).resolve() / t)
+            for t in targets]
+
+
 def push(root: Path, targets: list[str] | None = None, with_deps: bool = False) -> None:
     """Upload the cached outputs of `targets` (all stages when None) to the default DVC remote."""
     with _dvc_errors("push"), _repo(root) as repo, contextlib.redirect_stdout(io.StringIO()):
-        repo.push(targets=targets, with_deps=with_deps)
+        repo.push(targets=_targets(root, targets), with_deps=with_deps)
 
 
 def pull(root: Path, targets: list[str], with_deps: bool = False) -> None:
     """Download and check out the outputs of `targets` (and of the stages before them with `with_deps`)."""
     with _dvc_errors("pull"), _repo(root) as repo, contextlib.redirect_stdout(io.StringIO()):
-        repo.pull(targets=targets, with_deps=with_deps)
+        repo.pull(targets=_targets(root, targets), with_deps=with_deps)
 
 
 def stage_inputs(root: Path, stage: str) -> list[str]:
@@ -43,7 +51,7 @@ def stage_inputs(root: Path, stage: str) -> list[str]:
         return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
     with _dvc_errors(f"inputs of {stage}"), _repo(root) as repo:
-        target = repo.stage.collect(stage)[0]
+        target = repo.stage.collect(stage_target(root, stage))[0]
         deps = [str(d.def_path) for d in target.deps]
         outs = {str(o.def_path) for s in repo.index.stages if s.addressing != target.addressing for o in s.outs}
     return sorted(o for o in outs if any(related(o, d) for d in deps))
