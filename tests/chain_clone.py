@@ -91,3 +91,22 @@ def kill_when(cmd: list[str], cwd: Path, env: dict, marker: str, delay_s: float 
     text = log.read_text()
     log.unlink()
     return text
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM a server started with start_new_session=True (its whole process group), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

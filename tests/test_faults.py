@@ -9,8 +9,6 @@ when set (docs/reliability.md shows them).
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from chain_clone import free_port, stop_group
 
 from registry import SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL
 from registry.config import GateConfig, RegistryConfig
@@ -146,18 +146,11 @@ def test_store_and_model_hold_no_absolute_path_and_nothing_pickled(store):
                                               "tokenizer_config.json")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
 def test_mlflow_models_serve_answers_an_invocation(store):
     import httpx
 
     root, tracker, rv = store["root"], store["tracker"], store["rv"]
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.tracking_uri, "OMP_NUM_THREADS": "1"}
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "models", "serve", "-m", f"models:/{MODEL}/{rv.version}",
@@ -183,10 +176,4 @@ def test_mlflow_models_serve_answers_an_invocation(store):
         assert len(predictions) == 2
         assert decode_png(predictions[0]["image"]).shape == (32, 32, 3)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)

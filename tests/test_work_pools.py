@@ -4,9 +4,6 @@ DVC remote (no shared local path). On this machine: a Prefect server, two proces
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import sqlite3
 import subprocess
 import time
@@ -16,15 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chain_clone import CHECKPOINTS, make_clone, run
+from chain_clone import CHECKPOINTS, free_port, make_clone, run, stop_group
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:
@@ -44,15 +35,6 @@ def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def test_training_on_a_gpu_pool_hands_over_through_the_dvc_remote(tmp_path):
     remote = tmp_path / "dvc-remote"
     remote.mkdir()
@@ -61,7 +43,7 @@ def test_training_on_a_gpu_pool_hands_over_through_the_dvc_remote(tmp_path):
     params = yaml.safe_load((chain / "params.yaml").read_text())
     params["pipeline"]["train_deployment"] = "scone-train-stage/gpu"
     (chain / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    port = _free_port()
+    port = free_port()
     env = {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     for host in (chain, gpu):
@@ -86,7 +68,7 @@ def test_training_on_a_gpu_pool_hands_over_through_the_dvc_remote(tmp_path):
         assert "Completed" in out.stdout + out.stderr, out.stdout[-3000:]
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_group(p)
 
     gpu_log = (tmp_path / "worker-gpu.log").read_text()
     for stage in CHECKPOINTS[:4]:
