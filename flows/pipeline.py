@@ -31,15 +31,7 @@ from tasks.train_stage import train_stage_task
 def build_stale_datasets(ledger: fr.Ledger, params, log) -> None:
     """The datasets are independent: the stale ones build as mapped Prefect tasks, side by side; each stage is
     recorded once every build has succeeded (DVC takes one writer at a time)."""
-    stale = []
-    for name in all_names():
-        changes = ledger.changes(fr.BUILD_STAGES[name])
-        if changes:
-            stale.append(name)
-            if ledger.enabled:
-                log.info("%s: running (%s)", fr.BUILD_STAGES[name], "; ".join(map(str, changes))[:300])
-        else:
-            log.info("%s: up to date (dvc.lock matches its code, params and inputs)", fr.BUILD_STAGES[name])
+    stale = [name for name in all_names() if ledger.stale(fr.BUILD_STAGES[name], log)]
     if not stale:
         return
     build_dataset_task.map(unmapped(params), stale).result()

@@ -35,7 +35,7 @@ def train_stage_remote(stage: str, lock_yaml: str, handover_key: str, params_pat
         handover.merge_lock(root, lock_yaml)
         handover.pull_inputs(root, target)  # the data and the init checkpoint, as the chain made them
         ledger.run_if_stale(target, train_stage_task, params, stage, log=log)
-        handover.push(root, [target])
+        handover.push(root, stages=[target])
     entry = handover.lock_entry(root, target)
     create_markdown_artifact(key=handover_key, markdown=f"{FENCE}\n{entry}```\n",
                              description=f"dvc.lock entry of {target}, for the chain to merge")
@@ -48,12 +48,11 @@ def train_via_deployment(deployment: str, params, stage: str, root: Path, log) -
 
     target = fr.train_stage(stage)
     ledger = fr.Ledger(root)
-    if not ledger.changes(target):
-        log.info("%s: up to date (dvc.lock matches its code, params and inputs)", target)
+    if not ledger.stale(target, log):
         return
     handover.push(root)
     key = f"train-lock-{stage.replace('_', '-')}-{uuid.uuid4().hex[:12]}"
-    log.info("%s: running on deployment %s", target, deployment)
+    log.info("%s: handed to deployment %s", target, deployment)
     run = run_deployment(deployment, parameters={"stage": stage, "lock_yaml": handover.read_lock(root),
                                                  "handover_key": key}, timeout=None)
     if not run.state or not run.state.is_completed():
@@ -64,7 +63,7 @@ def train_via_deployment(deployment: str, params, stage: str, root: Path, log) -
         raise RuntimeError(f"{target}: deployment {deployment} finished without its dvc.lock handover ({key})")
     entry = str(artifact.data).split(FENCE, 1)[1].rsplit("```", 1)[0]
     handover.merge_lock(root, entry)
-    handover.pull(root, [target])
+    handover.pull(root, stages=[target])
     still = ledger.changes(target)
     if still:
         raise RuntimeError(f"{target}: after the handover DVC still sees changes ({still}); are both checkouts on "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -62,13 +63,22 @@ def load_engine_state(engine, state_dir: str | Path):
     return engine.load_checkpoint(str(state_dir))
 
 
+@lru_cache(maxsize=4096)
+def _content_sha(path: str, size: int, mtime_ns: int) -> bytes:
+    # keyed by size and mtime too: a rewritten file is read again; the launcher and the trainer of one stage, and
+    # later stages on the same shards, read each file once per process
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.digest()
+
+
 def file_digest(files) -> str:
     """sha256 over the names and contents of `files` (a content identity, unlike sizes or mtimes)."""
     h = hashlib.sha256()
-    for f in files:
-        f = Path(f)
+    for f in map(Path, files):
+        st = f.stat()
         h.update(f"{f.name}\0".encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        h.update(_content_sha(str(f.resolve()), st.st_size, st.st_mtime_ns))
     return h.hexdigest()[:20]

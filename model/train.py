@@ -38,6 +38,7 @@ from torch import nn
 
 from model import data_loader, engine as ds_engine
 from model.config import ModelConfig, StageConfig, TrainConfig
+from model.safe_state import file_digest
 
 DEFAULT_FAMILY = "model.train:SCONE"
 STATE_DIR = "ds_state"
@@ -148,16 +149,10 @@ def noise_seed(seed: int, step: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1)[0])
 
 
-def _files_digest(files) -> str:
-    from model.safe_state import file_digest
-
-    return file_digest(files)
-
-
 def code_digest() -> str:
     """Digest of the model package's source: a resumed run must continue with the code that started it."""
     root = Path(__file__).resolve().parent
-    return _files_digest(sorted(root.rglob("*.py")))
+    return file_digest(sorted(root.rglob("*.py")))
 
 
 def weights_digest(checkpoint: Path, prefix_bytes: int = 64 << 20) -> str:
@@ -176,7 +171,7 @@ def run_settings(stage_name: str, stage: StageConfig, train: TrainConfig, model_
     """Everything the stage's result depends on (not: logging and checkpoint intervals)."""
     t = train.model_dump(mode="json", exclude={"stages", "num_ranks", "log_every", "save_every"})
     # contents, not sizes: a same-size corruption or rebuild must not resume a run made on other data
-    data = {name: _files_digest(data_loader.dataset_files(data_root, name)) for name in stage.datasets}
+    data = {name: file_digest(data_loader.dataset_files(data_root, name)) for name in stage.datasets}
     return {
         "stage_name": stage_name,
         "stage": stage.model_dump(mode="json"),

@@ -51,7 +51,7 @@ REPORT_STAGE = "report"
 
 
 @contextlib.contextmanager
-def _dvc_errors(what: str):
+def dvc_errors(what: str):
     from dvc.exceptions import DvcException
 
     dvc_log = logging.getLogger("dvc")
@@ -105,7 +105,7 @@ class Ledger:
         """What DVC sees changed for `stage` (empty: up to date). A disabled ledger sees everything changed."""
         if not self.enabled:
             return [f"not checked: {self.reason}"]
-        with _dvc_errors(f"status {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
+        with dvc_errors(f"status {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
             status = repo.status(targets=[stage_target(self.root, stage)])
         return [c for entries in status.values() for c in entries]
 
@@ -114,18 +114,23 @@ class Ledger:
         Call only right after the stage's step has recomputed its outputs."""
         if not self.enabled:
             return
-        with _dvc_errors(f"commit {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
+        with dvc_errors(f"commit {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
             repo.commit(stage_target(self.root, stage), force=True)
 
-    def run_if_stale(self, stage: str, step, *args, log=None):
-        """Run `step(*args)` when `stage` is stale, then record the stage; else say it is up to date."""
+    def stale(self, stage: str, log=None) -> bool:
+        """Whether `stage` must run; says so (and why) on `log`, or on stdout without one."""
         changes = self.changes(stage)
         say = log.info if log is not None else print
         if not changes:
             say(f"{stage}: up to date (dvc.lock matches its code, params and inputs)")
-            return None
-        if self.enabled:
+        elif self.enabled:
             say(f"{stage}: running ({'; '.join(map(str, changes))[:300]})")
+        return bool(changes)
+
+    def run_if_stale(self, stage: str, step, *args, log=None):
+        """Run `step(*args)` when `stage` is stale, then record the stage."""
+        if not self.stale(stage, log):
+            return None
         result = step(*args)
         self.record(stage)
         return result

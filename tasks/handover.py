@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.freshness import _dvc_errors, stage_target
+from tasks.freshness import dvc_errors, stage_target
 
 LOCK = "dvc.lock"
 
@@ -25,24 +25,25 @@ def _repo(root: Path):
     return Repo(str(root))
 
 
-def _targets(root: Path, targets: list[str] | None) -> list[str] | None:
-    """Stage names and output paths as DVC resolves them from any working directory."""
-    if targets is None:
+def _targets(root: Path, stages: list[str] | None, paths: list[str] | None) -> list[str] | None:
+    """Stages and output paths as DVC resolves them from any working directory (None: everything)."""
+    if stages is None and paths is None:
         return None
-    return [stage_target(root, t) if "@" in t or not ("/" in t or "." in t) else str(Path(root).resolve() / t)
-            for t in targets]
+    return [stage_target(root, s) for s in stages or []] + [str(Path(root).resolve() / p) for p in paths or []]
 
 
-def push(root: Path, targets: list[str] | None = None, with_deps: bool = False) -> None:
-    """Upload the cached outputs of `targets` (all stages when None) to the default DVC remote."""
-    with _dvc_errors("push"), _repo(root) as repo, contextlib.redirect_stdout(io.StringIO()):
-        repo.push(targets=_targets(root, targets), with_deps=with_deps)
+def push(root: Path, *, stages: list[str] | None = None, paths: list[str] | None = None) -> None:
+    """Upload the cached outputs of `stages` / `paths` (everything when neither) to the default DVC remote."""
+    with dvc_errors("push"), _repo(root) as repo, contextlib.redirect_stdout(io.StringIO()):
+        repo.push(targets=_targets(root, stages, paths))
 
 
-def pull(root: Path, targets: list[str], with_deps: bool = False) -> None:
-    """Download and check out the outputs of `targets` (and of the stages before them with `with_deps`)."""
-    with _dvc_errors("pull"), _repo(root) as repo, contextlib.redirect_stdout(io.StringIO()):
-        repo.pull(targets=_targets(root, targets), with_deps=with_deps)
+def pull(root: Path, *, stages: list[str] | None = None, paths: list[str] | None = None) -> None:
+    """Download and check out the outputs of `stages` and the outputs at `paths`."""
+    if not stages and not paths:
+        return
+    with dvc_errors("pull"), _repo(root) as repo, contextlib.redirect_stdout(io.StringIO()):
+        repo.pull(targets=_targets(root, stages, paths))
 
 
 def stage_inputs(root: Path, stage: str) -> list[str]:
@@ -50,7 +51,7 @@ def stage_inputs(root: Path, stage: str) -> list[str]:
     def related(a: str, b: str) -> bool:
         return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
-    with _dvc_errors(f"inputs of {stage}"), _repo(root) as repo:
+    with dvc_errors(f"inputs of {stage}"), _repo(root) as repo:
         target = repo.stage.collect(stage_target(root, stage))[0]
         deps = [str(d.def_path) for d in target.deps]
         outs = {str(o.def_path) for s in repo.index.stages if s.addressing != target.addressing for o in s.outs}
@@ -59,8 +60,7 @@ def stage_inputs(root: Path, stage: str) -> list[str]:
 
 def pull_inputs(root: Path, stage: str) -> list[str]:
     targets = stage_inputs(root, stage)
-    if targets:
-        pull(root, targets)
+    pull(root, paths=targets)
     return targets
 
 
