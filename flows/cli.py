@@ -112,6 +112,9 @@ def _quiet_environment() -> None:
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's ephemeral server migrates a fresh database on its first start; on a busy 2-core machine that takes
+    # longer than Prefect's default 20 s wait (seen in CI), and the whole run would fail before its first step
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
