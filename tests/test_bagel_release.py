@@ -122,12 +122,17 @@ def test_loads_to_target_dtype(tmp_path):
     assert loaded.model.language_model.model.rotary_emb.inv_freq.device.type == "cpu"
 
 
-def test_tiny_preset_is_the_fixture_architecture(release):
+def test_tiny_preset_round_trips_through_a_release_directory(tmp_path):
+    """The embedded default's architecture (latent patch 1, two downsamplings) is recovered from its files alone."""
     from model.bagel.config import preset
+    from model.bagel.model import BagelModel
+    from model.bagel.config import BagelConfig
+    from model.bagel.release import _shapes, find_weights, save_release
 
-    tiny, loaded = preset("tiny"), release.model.config
-    for part in ("llm", "vit", "vae"):
-        fields = type(getattr(tiny, part)).model_fields
-        assert {k: getattr(getattr(tiny, part), k) for k in fields if k != "downsample"} == \
-            {k: getattr(getattr(loaded, part), k) for k in fields if k != "downsample"}, part
-    assert (tiny.max_latent_size, tiny.vit_max_num_patch_per_side) == (16, 16)
+    tiny = preset("tiny")
+    model = BagelModel(tiny)
+    model.init_fresh()
+    save_release(model, tmp_path / "rel")
+    loaded = BagelConfig.from_release(tmp_path / "rel", _shapes(find_weights(tmp_path / "rel").files))
+    assert loaded == tiny
+    assert (tiny.latent_downsample, tiny.patch_latent_dim) == (4, 4)

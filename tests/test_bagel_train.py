@@ -142,7 +142,7 @@ def test_every_trainable_weight_gets_a_gradient_whatever_the_batch_holds():
 def test_build_gives_fresh_tiny_weights_that_save_as_a_release(tmp_path):
     tok = fam.tokenizer(FIXTURE / "release")
     m = fam.build(ModelConfig(), tok)
-    assert m.config.llm.hidden_size == 64 and not m.bagel.llm2vae.weight.any()  # tiny preset, zero velocity head
+    assert m.config.llm.hidden_size == 128 and not m.bagel.llm2vae.weight.any()  # tiny preset, zero velocity head
     m.save_pretrained(tmp_path / "fresh")
     reloaded = load_release(tmp_path / "fresh")  # strictly
     for k, v in m.bagel.state_dict().items():

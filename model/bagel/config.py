@@ -144,6 +144,11 @@ class BagelConfig(BaseModel):
             vae=AutoencoderConfig.from_json(ae_path) if ae_path.exists() else AutoencoderConfig(),
         )
         if weight_shapes:
+            if "vae2llm.weight" in weight_shapes:
+                # BAGEL keeps the latent patch in its training args, not in a config file; the shape implies it
+                z = fields["vae"].z_channels
+                fields["latent_patch_size"] = _side_of_table(weight_shapes["vae2llm.weight"][1] // z,
+                                                             "vae2llm.weight / z_channels")
             for key, name in (("latent_pos_embed.pos_embed", "max_latent_size"),
                               ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side")):
                 if key in weight_shapes:
@@ -169,13 +174,17 @@ def _side_of_table(rows: int, key: str) -> int:
 def preset(name: str) -> BagelConfig:
     """Named architectures: `tiny` runs on a laptop CPU; `bagel-7b` is BAGEL-7B-MoT (Qwen2.5-7B + SigLIP so400m)."""
     if name == "tiny":
+        # The embedded default: the subject world's 32 x 32 images at their own size. ViT patch 8 (4 x 4 ViT
+        # tokens per image), a FLUX autoencoder with two downsamplings and latent patch 1 (8 x 8 latent tokens),
+        # so each latent token carries 4 x 4 pixels as BAGEL-7B's carries 16 x 16. The tokenizer and the
+        # autoencoder are made in the chain (model.bagel.bootstrap); vocab_size is the chain tokenizer's.
         return BagelConfig(
-            llm=Qwen2Config(vocab_size=358, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            llm=Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
-            vit=SiglipConfig(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3,
-                             patch_size=14, image_size=224),
-            vae=AutoencoderConfig(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1, z_channels=4),
-            max_latent_size=16, vit_max_num_patch_per_side=16,
+            vit=SiglipConfig(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3,
+                             patch_size=8, image_size=32),
+            vae=AutoencoderConfig(resolution=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4),
+            latent_patch_size=1, max_latent_size=8, vit_max_num_patch_per_side=4,
         )
     if name == "bagel-7b":
         return BagelConfig(
