@@ -99,12 +99,11 @@ def contact_sheet(rows: list[dict], n: int = SHEET_ROWS) -> Image.Image:
 
 
 def _lengths_plot(lengths: list[int], name: str, path: Path) -> None:
-    import matplotlib
+    # a Figure of its own, not pyplot's global state: the validations run as mapped tasks in threads
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+    fig = Figure(figsize=(5, 3), dpi=80)
+    ax = fig.subplots()
     if lengths:
         ax.hist(lengths, bins=range(min(lengths), max(lengths) + 2), color="#4a78c2", edgecolor="white")
     ax.set_xlabel("instruction length (words)")
@@ -112,7 +111,6 @@ def _lengths_plot(lengths: list[int], name: str, path: Path) -> None:
     ax.set_title(name)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_card(name: str, cfg: DataConfig) -> dict:

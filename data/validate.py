@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -556,23 +557,33 @@ def _quarantine(name: str, suite: Suite, report: dict, cfg: DataConfig, project:
 # ------------------------------------------------------------------ entry points
 
 
+# The datasets validate as mapped tasks side by side (threads): reading the rows and checking images, labels and
+# scenes is each dataset's own work, but they share one file-backed GX project (great_expectations.yml, the
+# stores, Data Docs), which GX does not guard against concurrent writers; its part runs under this lock.
+_GX_LOCK = threading.Lock()
+
+
 def validate_dataset(name: str, cfg: DataConfig) -> dict:
     """Run the dataset's suite through its GX Checkpoint (Data Docs included), quarantine a training dataset's bad
     rows, write validation/<name>.json; raise DataValidationError when it fails."""
     started = time.perf_counter()
-    project = gx_project(cfg)
-    project.forget_results(name)
     try:
-        suite = _suite_for(name, cfg)
+        suite, missing = _suite_for(name, cfg), None
     except FileNotFoundError as e:
-        report = {"dataset": name, "success": False, "summary": f"{name}: validation FAILED, {e}", "failures": []}
-        project.context.build_data_docs(site_names=[DATA_DOCS_SITE])  # the index must not list a result just forgotten
-    else:
-        report = _quarantine(name, suite, run_suite(name, suite, project), cfg, project)
-        if not report["success"]:
-            report["summary"] += f"\n  fix: {suite.fix}"
-    if project.docs_index.exists():
-        report["data_docs"] = str(project.docs_index)
+        suite, missing = None, e
+    with _GX_LOCK:
+        project = gx_project(cfg)
+        project.forget_results(name)
+        if suite is None:
+            report = {"dataset": name, "success": False, "summary": f"{name}: validation FAILED, {missing}",
+                      "failures": []}
+            project.context.build_data_docs(site_names=[DATA_DOCS_SITE])  # the index must not list a forgotten result
+        else:
+            report = _quarantine(name, suite, run_suite(name, suite, project), cfg, project)
+            if not report["success"]:
+                report["summary"] += f"\n  fix: {suite.fix}"
+        if project.docs_index.exists():
+            report["data_docs"] = str(project.docs_index)
     report["seconds"] = round(time.perf_counter() - started, 3)
     out = validation_dir(cfg) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -583,13 +594,18 @@ def validate_dataset(name: str, cfg: DataConfig) -> dict:
     return report
 
 
-def validate_all(names: Iterable[str], step: Callable[[str], dict]) -> list[dict]:
-    """Run `step` (validate_dataset, or a task that wraps it) on every dataset, even after one fails; then raise
-    one DataValidationError listing every failed dataset (its report: {"datasets": {name: report}})."""
+def validate_all(names: Iterable[str], step: Callable[[str], dict] | None = None, *,
+                 results: Iterable[Callable[[], dict]] | None = None) -> list[dict]:
+    """Every dataset's validation, even after one fails; then one DataValidationError listing every failed dataset
+    (its report: {"datasets": {name: report}}). Either `step(name)` per name, one after another, or `results`:
+    one callable per name giving its outcome (e.g. the `.result` of mapped Prefect task runs already started)."""
+    if (step is None) == (results is None):
+        raise TypeError("validate_all takes a step or results, not both")
+    outcomes = results if results is not None else [lambda name=name: step(name) for name in names]
     done, failed = [], []
-    for name in names:
+    for outcome in outcomes:
         try:
-            done.append(step(name))
+            done.append(outcome())
         except DataValidationError as e:
             failed.append(e)
     if failed:

@@ -22,6 +22,13 @@ BENCHMARKS = {
 }
 
 
+def _round_index(text: str) -> int:
+    value = text.removeprefix("srum_round")
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SRUM round: give K or srum_roundK with K >= 1")
+    return int(value)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -68,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     srum_sub = srum.add_subparsers(dest="action")
     p = srum_sub.add_parser("round", help="run one round (generate, judge, reward, train) without Prefect")
     _common(p)
-    p.add_argument("index", type=int)
+    p.add_argument("index", type=_round_index, help="the round: K or srum_roundK (a key of srum.rounds)")
     p = srum_sub.add_parser("reward-map", help="dense reward maps from a SRUM regional-reward JSONL")
     p.add_argument("--rewards", required=True)
     p.add_argument("--width", type=int, required=True)
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write artifacts/reports/index.html")
     _common(p)
 
-    p = sub.add_parser("serve", help="serve every deployment of prefect.yaml locally, one run at a time (Prefect)")
+    p = sub.add_parser("serve", help="serve every deployment of prefect.yaml locally: the scheduled chain one run at a time, on-demand stages beside it")
     _common(p)
 
     p = sub.add_parser("bench", help="benchmarks; each writes its figures as JSON under artifacts/bench/")

@@ -17,7 +17,7 @@ from tasks import freshness as fr
 from tasks.atomic import clear_staging
 from tasks.evaluate import evaluate_task
 from tasks.lock import artifacts_lock
-from tasks.paths import Paths, srum_name
+from tasks.paths import Paths
 from tasks.register import register_all_task
 from tasks.report import report_task
 from tasks.srum import srum_round_task
@@ -25,14 +25,14 @@ from tasks.srum import srum_round_task
 
 @flow(name="scone-srum-rounds", log_prints=True)
 def srum_rounds(params_path: str = "params.yaml", overrides: list[str] | None = None, record: bool = True) -> list[str]:
-    """Rounds 1..srum.rounds, each from the previous round's checkpoint (round 1 from srum.init_from)."""
+    """The rounds of srum.rounds in order, each from the previous round's checkpoint (round 1 from a stage's)."""
     log = get_run_logger()
     params = load_params(params_path, overrides)
     ledger = fr.Ledger.for_run(Path.cwd(), params_path, overrides, record=record)
     with artifacts_lock(Paths.from_params(params).root, command="scone srum rounds"):
-        for k in range(1, params.srum.rounds + 1):
+        for k in range(1, params.srum.count + 1):
             ledger.run_if_stale(fr.srum_stage(k), srum_round_task, params, k, log=log)
-    return [srum_name(k) for k in range(1, params.srum.rounds + 1)]
+    return list(params.srum.rounds)
 
 
 @flow(name="scone-srum", log_prints=True)
@@ -42,7 +42,7 @@ def srum_flow(params_path: str = "params.yaml", overrides: list[str] | None = No
     if rounds is not None:
         overrides.append(f"srum.rounds={rounds}")
     params = load_params(params_path, overrides)
-    if rounds is not None and rounds == load_params(params_path).srum.rounds:
+    if rounds is not None and params.srum.rounds == load_params(params_path).srum.rounds:
         overrides.pop()  # the rounds params.yaml already asks for: the DVC record still applies
     root = Paths.from_params(params).root
     ledger = fr.Ledger.for_run(Path.cwd(), params_path, overrides)

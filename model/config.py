@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data.config import Strict
 
@@ -108,8 +108,10 @@ class TrainConfig(Strict):
 class SrumConfig(Strict):
     """SRUM self-reward post-training (SRUM Sec. 3, Table 6), scaled to the tiny model."""
 
-    rounds: int = Field(1, ge=0)
-    init_from: str = Field("stage2_step2", description="stage whose checkpoint the first round starts from")
+    rounds: dict[str, str] = Field(
+        default_factory=lambda: {"srum_round1": "stage2_step2"},
+        description="the rounds in order: checkpoint name srum_roundK -> the checkpoint it starts from (round 1 "
+        "from a training stage, round K from srum_round{K-1}); an int N means N rounds after stage2_step2")
     candidates: int = Field(4, ge=1, description="K candidates per compositional prompt")
     judge: Literal["self", "oracle", "openai"] = Field(
         "self", description="who scores the candidates: the model's own understanding expert (SRUM), the prompt's "
@@ -133,3 +135,43 @@ class SrumConfig(Strict):
         "direct", description="loss weight from the reward map R in [0, 1]: R itself, or 2R-1 (negative repels); "
         "see model.srum_loss"
     )
+
+    @field_validator("rounds", mode="before")
+    @classmethod
+    def _rounds_from_count(cls, value):
+        # `--set srum.rounds=2` (and the srum deployment's `rounds` parameter) give a count: the paper's chain
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError(f"srum.rounds must be >= 0, got {value}")
+            return {srum_round_name(k): ("stage2_step2" if k == 1 else srum_round_name(k - 1))
+                    for k in range(1, value + 1)}
+        return value
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds_chain(cls, rounds: dict[str, str]) -> dict[str, str]:
+        for k, (name, start) in enumerate(rounds.items(), start=1):
+            if name != srum_round_name(k):
+                raise ValueError(f"srum.rounds: entry {k} is named {name!r}; rounds are srum_round1, srum_round2, "
+                                 f"... in order (add one with: dvc exp run -S '+srum.rounds.{srum_round_name(k)}="
+                                 f"{srum_round_name(k - 1) if k > 1 else 'stage2_step2'}')")
+            if k > 1 and start != srum_round_name(k - 1):
+                raise ValueError(f"srum.rounds.{name} starts from {start!r}; round {k} continues "
+                                 f"{srum_round_name(k - 1)}")
+            if k == 1 and start.startswith("srum_round"):
+                raise ValueError(f"srum.rounds.{name} starts from {start!r}; the first round starts from a "
+                                 "training stage's checkpoint")
+        return rounds
+
+    @property
+    def count(self) -> int:
+        return len(self.rounds)
+
+    @property
+    def init_from(self) -> str:
+        """The training stage whose checkpoint the first round starts from (what the rounds refine)."""
+        return next(iter(self.rounds.values()), "stage2_step2")
+
+
+def srum_round_name(index: int) -> str:
+    return f"srum_round{index}"

@@ -17,7 +17,7 @@ def stage_of(params, name: str) -> str:
     if is_srum(name):
         return params.srum.init_from
     if name not in params.train.stages:
-        known = ", ".join(list(params.train.stages) + [f"srum_round1..{params.srum.rounds}"])
+        known = ", ".join(list(params.train.stages) + list(params.srum.rounds))
         raise KeyError(f"unknown checkpoint {name!r}; known: {known}")
     return name
 

@@ -27,12 +27,14 @@ def train_stage(stage: str) -> str:
 
 
 def evaluate_stage(name: str) -> str:
-    return f"evaluate@{name}"
+    # dvc.yaml scores training stages and SRUM rounds in two foreach groups, one per params list
+    group = "evaluate_srum" if name.startswith("srum_round") else "evaluate"
+    return f"{group}@{name}"
 
 
 def srum_stage(index: int) -> str:
-    # dvc.yaml's srum foreach runs over a list, whose items DVC names by position
-    return f"srum@{index - 1}"
+    # dvc.yaml's srum foreach runs over the srum.rounds mapping, keyed by round name
+    return f"srum@srum_round{index}"
 
 
 BUILD_STAGES = {

@@ -78,17 +78,19 @@ class Paths:
         return self.checkpoints / name
 
     def srum_round(self, index: int) -> Path:
-        """evaluation.srum.run_round writes round k under <srum>/round_k."""
-        return self.srum / f"round_{index}"
+        """Round k's candidates, rewards and summary: <srum>/srum_roundK, named like its checkpoint."""
+        return self.srum / srum_name(index)
 
     def score_dir(self, name: str) -> Path:
         return self.scores / name
 
 
 def srum_name(round_index: int) -> str:
+    # the names srum.rounds is keyed by (model.config.SrumConfig validates them); spelled out here so the data
+    # steps, which use this map too, do not depend on the model package
     return f"srum_round{round_index}"
 
 
 def checkpoint_names(params) -> list[str]:
     """Every checkpoint the chain produces, in order: the training stages, then the SRUM rounds."""
-    return list(params.pipeline.stage_order) + [srum_name(k) for k in range(1, params.srum.rounds + 1)]
+    return list(params.pipeline.stage_order) + list(params.srum.rounds)

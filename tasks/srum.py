@@ -1,6 +1,6 @@
 """One SRUM self-reward round: generate -> propose regions -> self-judge -> reward maps -> reward-weighted training.
 
-The round's folder (`artifacts/srum/round_k/`) and its checkpoint (`artifacts/checkpoints/srum_roundk/`) are
+The round's folder (`artifacts/srum/srum_roundk/`) and its checkpoint (`artifacts/checkpoints/srum_roundk/`) are
 written in staging and replace the previous ones together, only when the round has finished.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ def srum_round_step(params, index: int) -> dict:
     from data.formats.srum_prompts import read_prompts
     from evaluation.srum import run_round
 
-    if index < 1:
-        raise ValueError(f"SRUM rounds count from 1, got {index}")
+    if not 1 <= index <= params.srum.count:
+        raise ValueError(f"SRUM round {index} is not in srum.rounds ({', '.join(params.srum.rounds) or 'none'}); "
+                         f"add it to params.yaml or pass --set srum.rounds={index}")
     paths = Paths.from_params(params)
-    init = paths.checkpoint(params.srum.init_from if index == 1 else srum_name(index - 1))
+    init = paths.checkpoint(params.srum.rounds[srum_name(index)])
     if not (init / "config.json").exists():
         raise FileNotFoundError(f"SRUM round {index} starts from {init}, which does not exist: train it first")
     name = srum_name(index)
@@ -46,7 +47,7 @@ def srum_round_step(params, index: int) -> dict:
             tracker.end_run(run_id, "FAILED")
             raise
         tracker.end_run(run_id)
-        round_dir = srum_root / paths.srum_round(index).name
+        round_dir = srum_root / f"round_{index}"  # where evaluation.srum.run_round writes it
         for folder in (round_dir, ckpt):
             repoint_json(folder, srum_root, paths.srum)
             repoint_json(folder, ckpt, paths.checkpoint(name))

@@ -173,3 +173,37 @@ def test_cli_validate_exits_non_zero_with_the_combined_error(built, tmp_path, ca
     err = capsys.readouterr().err
     assert "error: validation FAILED for 1 of 1 datasets:" in err
     assert f"{shard(BASE, 0)}, row 2 (key {key}): image 1 does not decode" in err
+
+
+def test_the_pipeline_validates_datasets_as_mapped_prefect_tasks_and_names_every_failure(built, tmp_path):
+    """flows.pipeline.validate_all: one mapped task run per dataset, side by side in threads sharing the GX
+    project; the flow still fails with one error listing both broken datasets, and the clean one passed."""
+    from types import SimpleNamespace
+
+    from prefect import flow
+
+    import flows.pipeline as pipeline
+
+    cfg = copy_of(built, tmp_path, max_quarantine_fraction=0.0)
+    base_key = corrupt_image(cfg, BASE, 0, 1, 0)
+    multi_key = corrupt_image(cfg, MULTI, 1, 2, 0)
+    params = SimpleNamespace(data=cfg)  # validation reads only the data section
+
+    @flow
+    def validate_flow():
+        return pipeline.validate_all(params)
+
+    original = pipeline.all_names
+    pipeline.all_names = lambda: list(NAMES)
+    try:
+        with pytest.raises(DataValidationError) as err:
+            validate_flow()
+    finally:
+        pipeline.all_names = original
+    msg = str(err.value)
+    assert msg.startswith("validation FAILED for 2 of 3 datasets:")
+    assert base_key in msg and multi_key in msg
+    clean = json.loads((tmp_path / "artifacts" / "validation" / f"{SRUM}.json").read_text())
+    assert clean["success"] is True and Path(clean["data_docs"]).exists()
+    index = Path(clean["data_docs"]).read_text()
+    assert all(name in index for name in NAMES)  # one Data Docs site lists all three, none lost to a race

@@ -1,11 +1,15 @@
 """The Prefect pipeline, dvc.yaml and prefect.yaml describe the same chain."""
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from flows.cli import build_parser
 from flows.deploy import nightly_schedule
 from flows.params import load_params
+from tasks.freshness import evaluate_stage
 from tasks.paths import DATASETS, checkpoint_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,13 +29,44 @@ def test_dvc_trains_the_stages_of_params_in_order():
         assert params.train.stages[cur].init_from == prev
 
 
-def test_dvc_srum_rounds_and_evaluations_match_params():
+def _dvc_stage_names(tmp_path, params_text: str) -> list[str]:
+    """The stages DVC itself generates from dvc.yaml and a given params.yaml (a scratch DVC project)."""
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(params_text)
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    out = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=tmp_path, check=True, capture_output=True,
+                         text=True).stdout
+    return out.split()
+
+
+def test_dvc_stage_lists_follow_params(tmp_path):
+    """Adding a SRUM round in params.yaml adds its training and scoring stages: dvc.yaml lists none by hand."""
+    text = (ROOT / "params.yaml").read_text()
     params = load_params(ROOT / "params.yaml")
-    dvc = _dvc()
-    rounds = dvc["vars"][0]["srum_rounds"]
-    assert [r["index"] for r in rounds] == list(range(1, params.srum.rounds + 1))
-    assert rounds[0]["init"] == params.srum.init_from
-    assert dvc["stages"]["evaluate"]["foreach"] == checkpoint_names(params)
+    names = _dvc_stage_names(tmp_path, text)
+    assert [n for n in names if n.startswith(("evaluate@", "evaluate_srum@"))] == \
+        [evaluate_stage(c) for c in checkpoint_names(params)]
+    assert [n for n in names if n.startswith("srum@")] == [f"srum@{r}" for r in params.srum.rounds]
+
+    raw = yaml.safe_load(text)
+    raw["srum"]["rounds"]["srum_round2"] = "srum_round1"  # what dvc exp run -S '+srum.rounds.srum_round2=...' does
+    (tmp_path / "two").mkdir()
+    two = _dvc_stage_names(tmp_path / "two", yaml.safe_dump(raw))
+    assert {"srum@srum_round2", "evaluate_srum@srum_round2"} <= set(two)
+    assert len(two) == len(names) + 2
+    assert checkpoint_names(load_params(tmp_path / "two" / "params.yaml"))[-2:] == ["srum_round1", "srum_round2"]
+
+
+def test_srum_rounds_param_is_a_chain():
+    from model.config import SrumConfig
+
+    assert SrumConfig(rounds=2).rounds == {"srum_round1": "stage2_step2", "srum_round2": "srum_round1"}
+    assert SrumConfig(rounds=0).count == 0
+    assert SrumConfig(rounds={"srum_round1": "stage1_step2"}).init_from == "stage1_step2"
+    with pytest.raises(ValueError, match="round 2 continues srum_round1"):
+        SrumConfig(rounds={"srum_round1": "stage2_step2", "srum_round2": "stage2_step2"})
+    with pytest.raises(ValueError, match="rounds are srum_round1, srum_round2"):
+        SrumConfig(rounds={"srum_round2": "stage2_step2"})
 
 
 def test_dvc_builds_every_dataset():
@@ -62,3 +97,38 @@ def test_cli_parses_every_documented_command():
         ["report"],
     ):
         assert ap.parse_args(argv).command == argv[0]
+
+
+def test_serve_runs_the_on_demand_stage_beside_the_chain():
+    """`scone serve` serves every deployment: the scheduled ones one at a time, the on-demand GPU stage in a runner
+    of its own, so a chain waiting for its stage never holds the slot the stage needs."""
+    import asyncio
+
+    from flows.deploy import _serve_groups, deployment_specs, runner_groups
+
+    groups = runner_groups(deployment_specs(str(ROOT / "prefect.yaml")))
+    assert {k: [d["name"] for d in v] for k, v in groups.items()} == \
+        {"chain": ["nightly", "srum-weekly"], "on-demand": ["gpu"]}
+
+    started = []
+
+    class FakeRunner:
+        def __init__(self, name, limit, pause_on_shutdown):
+            self.name, self.limit, self.deployments = name, limit, []
+
+        async def aadd_deployment(self, deployment):
+            self.deployments.append(deployment)
+
+        async def start(self):
+            started.append((self.name, self.limit, list(self.deployments)))
+
+    asyncio.run(_serve_groups({"chain": ["nightly", "srum-weekly"], "on-demand": ["gpu"]}, runner_cls=FakeRunner))
+    assert sorted(started) == [("scone-serve-chain", 1, ["nightly", "srum-weekly"]),
+                               ("scone-serve-on-demand", 1, ["gpu"])]
+
+
+def test_round_names_agree_between_params_and_paths():
+    from model.config import srum_round_name
+    from tasks.paths import srum_name
+
+    assert [srum_name(k) for k in (1, 2, 12)] == [srum_round_name(k) for k in (1, 2, 12)]

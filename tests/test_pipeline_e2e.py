@@ -38,7 +38,7 @@ def test_pipeline_leaves_every_artifact(clone):
         assert (art / "scores" / name / name / "score_try2").is_dir()  # 1 round x 2 scorings
     for ds in ("scone_single_candidate_base", "scone_multi_candidate", "sconeeval_bench", "srum_prompts"):
         assert json.loads((art / "validation" / f"{ds}.json").read_text())["success"] is True
-    rewards = (art / "srum" / "round_1" / "rewards.jsonl").read_text().splitlines()
+    rewards = (art / "srum" / "srum_round1" / "rewards.jsonl").read_text().splitlines()
     assert rewards and all("vlm_rewards" in json.loads(line) for line in rewards)
     html = (art / "reports" / "index.html").read_text()
     for name in names:

@@ -1,0 +1,116 @@
+"""A checkpoint ready to use: load it once, then generate images and answer yes/no questions about images.
+
+Every consumer (the evaluation runner, the `self` judge, SRUM's candidate sampling and its reward judge, the
+MLflow pyfunc model, the benchmarks) goes through `load_pipeline(checkpoint_dir)` instead of loading a model
+class itself, so what a checkpoint is (a BAGEL release directory, or the older scratch-model folder) is decided
+here, once, from its files.
+
+- `generate(examples, *, steps, cfg_text, cfg_image, seed, bridge, batch_size)`: one uint8 image per example;
+- `yes_probability(images, questions)`: P(yes) from the understanding expert, one per (image, question);
+- `latent_grid`: (rows, cols) of latent tokens of a generated image, the grid SRUM's reward maps live on;
+- `image_size`: the side of the images it generates; `max_references`: how many references it takes.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RELEASE_MARKERS = ("llm_config.json", "vit_config.json")
+
+
+def is_release_dir(path: str | Path) -> bool:
+    """A BAGEL release directory (released, bootstrapped by the chain, or saved by a stage)."""
+    return all((Path(path) / name).exists() for name in RELEASE_MARKERS)
+
+
+@dataclass
+class BagelPipeline:
+    model: Any  # model.bagel.model.BagelModel
+    tokenizer: Any  # model.bagel.family.BagelTokenizer
+    bridge_cfg: Any = None  # model.config.BridgeConfig used when generate(bridge=True)
+    timestep_shift: float = 1.0
+    max_references: int = 4
+
+    @property
+    def image_size(self) -> int:
+        from model.bagel.family import image_side
+
+        return image_side(self.model.config, self.model.config.vit.image_size)
+
+    @property
+    def latent_grid(self) -> tuple[int, int]:
+        side = self.image_size
+        return self.model.latent_grid(side, side)
+
+    def generate(self, examples: Sequence, *, steps: int, cfg_text: float, cfg_image: float, seed: int,
+                 bridge: bool = False, batch_size: int = 32) -> list[np.ndarray]:
+        from model.bagel.generate import generate
+
+        if bridge and self.bridge_cfg is None:
+            raise ValueError("generate(bridge=True) needs the pipeline's bridge settings (load_pipeline(..., "
+                             "bridge_cfg=params.model.bridge))")
+        return generate(self.model, self.tokenizer, examples, steps=steps, cfg_text=cfg_text, cfg_image=cfg_image,
+                        seed=seed, bridge=self.bridge_cfg if bridge else None, batch_size=batch_size,
+                        timestep_shift=self.timestep_shift)
+
+    def yes_probability(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> np.ndarray:
+        from model.bagel.generate import yes_probability
+
+        return yes_probability(self.model, self.tokenizer, images, questions)
+
+
+@dataclass
+class ScratchPipeline:
+    """The older scratch-trained SconeModel folders (model.modeling)."""
+
+    model: Any
+    tokenizer: Any
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.image_size)
+
+    @property
+    def latent_grid(self) -> tuple[int, int]:
+        return (self.model.latent_grid, self.model.latent_grid)
+
+    @property
+    def max_references(self) -> int:
+        return int(self.model.config.max_references)
+
+    def generate(self, examples: Sequence, *, steps: int, cfg_text: float, cfg_image: float, seed: int,
+                 bridge: bool = False, batch_size: int = 32) -> list[np.ndarray]:
+        from model.sampler import generate
+
+        return generate(self.model, self.tokenizer, examples, steps=steps, cfg_text=cfg_text, cfg_image=cfg_image,
+                        seed=seed, bridge=bridge, batch_size=batch_size)
+
+    def yes_probability(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> np.ndarray:
+        from model.understand import yes_probability
+
+        return yes_probability(self.model, self.tokenizer, images, questions)
+
+
+def load_pipeline(checkpoint_dir: str | Path, *, bridge_cfg=None, timestep_shift: float = 1.0,
+                  max_references: int = 4, device: str = "cpu"):
+    """The checkpoint at `checkpoint_dir` as a pipeline (weights in fp32 on `device`, eval mode)."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint {directory} does not exist; run the stage that makes it first")
+    if is_release_dir(directory):
+        import torch
+
+        from model.bagel.family import BagelTokenizer
+        from model.bagel.release import load_release
+
+        release = load_release(directory, device=device, dtype=torch.float32)
+        model = release.model.eval()
+        return BagelPipeline(model, BagelTokenizer(directory), bridge_cfg, timestep_shift, max_references)
+    from model.modeling import load_checkpoint
+
+    model, tokenizer = load_checkpoint(directory, device=device)
+    return ScratchPipeline(model, tokenizer)
