@@ -13,6 +13,9 @@ class SamplingConfig(Strict):
     cfg_text: float = Field(3.0, ge=1.0, description="text classifier-free guidance scale")
     cfg_image: float = Field(1.5, ge=1.0, description="image classifier-free guidance scale")
     batch_size: int = Field(32, ge=1)
+    semantic_mask: bool = Field(
+        False, description="sample with the understanding bridge's semantic mask (checkpoints from the stage that "
+        "formed it on). Off, as the released Scone inference runs; the mask is a training device (Stage II step 1)")
 
 
 class OpenAIJudgeConfig(Strict):

@@ -166,29 +166,21 @@ def _pick_samples(cases, paths, n) -> list[str]:
     return picked[:n]
 
 
-def generate_fn_from_checkpoint(ckpt_dir: str | Path, sampling_cfg: SamplingConfig, bridge: bool) -> GenerateFn:
-    """generate_fn for a checkpoint folder written by model.modeling.save_checkpoint, sampling in
-    batches of `sampling_cfg.batch_size` with a progress bar."""
+def generate_fn_from_checkpoint(ckpt_dir: str | Path, sampling_cfg: SamplingConfig, bridge: bool,
+                                pipeline_settings: dict | None = None, pipeline=None) -> GenerateFn:
+    """generate_fn for a checkpoint folder (model.pipeline.load_pipeline), sampling in batches of
+    `sampling_cfg.batch_size`."""
     import torch
 
-    from model.modeling import load_checkpoint
-    from model.sampler import generate
+    from model.pipeline import load_pipeline
 
-    model, tokenizer = load_checkpoint(ckpt_dir)
+    pipe = pipeline if pipeline is not None else load_pipeline(ckpt_dir, pipeline_settings)
 
     def generate_fn(examples: list, seed: int) -> list[np.ndarray]:
         with torch.no_grad():
-            return generate(
-                model,
-                tokenizer,
-                examples,
-                steps=sampling_cfg.steps,
-                cfg_text=sampling_cfg.cfg_text,
-                cfg_image=sampling_cfg.cfg_image,
-                seed=seed,
-                bridge=bridge,
-                batch_size=sampling_cfg.batch_size,
-            )
+            return pipe.generate(examples, steps=sampling_cfg.steps, cfg_text=sampling_cfg.cfg_text,
+                                 cfg_image=sampling_cfg.cfg_image, seed=seed, bridge=bridge,
+                                 batch_size=sampling_cfg.batch_size)
 
     return generate_fn
 
@@ -201,17 +193,22 @@ def evaluate_checkpoint_dir(
     model_name: str | None = None,
     bridge: bool = False,
     judge=None,
+    pipeline=None,
+    pipeline_settings: dict | None = None,
 ) -> dict:
-    """The whole evaluation of a checkpoint folder on a benchmark folder, as the flows call it."""
+    """The whole evaluation of a checkpoint folder on a benchmark folder, as the flows call it. `pipeline`: the
+    checkpoint already loaded (model.pipeline.load_pipeline), else it is loaded with `pipeline_settings`."""
     from data.formats.sconeeval import read_bench
     from evaluation.judges import make_judge
+    from model.pipeline import load_pipeline
 
     cases = read_bench(bench_dir)
+    pipe = pipeline if pipeline is not None else load_pipeline(ckpt_dir, pipeline_settings)
     own = judge is None
     if own:  # the self judge is the checkpoint's own understanding expert
-        extra = {"checkpoint_dir": ckpt_dir} if eval_cfg.judge == "self" else {}
+        extra = {"pipeline": pipe} if eval_cfg.judge == "self" else {}
         judge = make_judge(eval_cfg.judge, eval_cfg, **extra)
-    generate_fn = generate_fn_from_checkpoint(ckpt_dir, eval_cfg.sampling, bridge)
+    generate_fn = generate_fn_from_checkpoint(ckpt_dir, eval_cfg.sampling, bridge, pipeline=pipe)
     try:
         return evaluate_checkpoint(generate_fn, cases, out_dir, model_name or Path(ckpt_dir).name, eval_cfg, judge)
     finally:

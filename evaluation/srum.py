@@ -2,7 +2,8 @@
 
 Pieces, in the order of the paper's pipeline:
 
-1. candidates: K images per compositional prompt (model.sampler.generate, one seed per candidate).
+1. candidates: K images per compositional prompt (the round's pipeline, model.pipeline.load_pipeline: a BAGEL
+   release directory or an older scratch checkpoint; one seed per candidate).
 2. region proposals (Sec. 3.1): colour blobs of the generated image (evaluation.detect), kept only when
    relevant to the prompt, i.e. of a colour the prompt names (every subject of the subject world is
    named with its colour). At most `max_regions` per image, largest first (the paper caps at 10).
@@ -14,11 +15,11 @@ Pieces, in the order of the paper's pipeline:
    - per region: relevance and visual quality together. 0.5..1.0 for a prompt subject rendered right
      (1.0 only when flawless), -0.4..0.4 for harmless fragments, -0.9..-0.5 for severe flaws: a prompt
      subject with the wrong shape or texture, or an unrequested extra copy of one.
-   Backends: `oracle` (the prompt's ground-truth scene), `self` (the model's own understanding expert,
-   score = 2 P(yes) - 1), `openai` (a VLM behind an OpenAI-compatible endpoint, JSON answers; the prompts
-   follow the paper's two scoring guides).
+   Backends: `oracle` (the prompt's ground-truth scene), `self` (the model's own understanding expert through
+   the pipeline's `yes_probability`, score = 2 P(yes) - 1), `openai` (a VLM behind an OpenAI-compatible
+   endpoint, JSON answers; the prompts follow the paper's two scoring guides).
 4. rewards: one record per candidate in the SRUM regional-reward JSONL (data.formats.srum_rewards), the
-   global entry first; dense maps via model.reward_map, area-averaged to the latent grid.
+   global entry first; dense maps via model.reward_map, area-averaged to the pipeline's latent grid (rows, cols).
 5. training: model.srum_train.train_srum_round on (prompt, candidate, map, ground-truth render).
 
 Files of round k under `out_dir/round_k/`: images/*.png, rewards.jsonl, reward_maps.npy (latent grid,
@@ -306,13 +307,11 @@ class SelfRewardJudge:
 
     name = "self"
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, pipeline):
+        self.pipeline = pipeline  # anything with yes_probability(images, questions), e.g. model.pipeline's
 
     def _ask(self, images: list[np.ndarray], questions: list[str]) -> np.ndarray:
-        from model.understand import yes_probability
-
-        return yes_probability(self.model, self.tokenizer, images, questions) if questions else np.zeros(0)
+        return np.asarray(self.pipeline.yes_probability(images, questions)) if questions else np.zeros(0)
 
     def judge(self, row, image, regions: Sequence[Region]) -> tuple[Judgment, list[Judgment]]:
         target = row_target(row)  # what the prompt names and where it says things go, never the pixels
@@ -453,14 +452,21 @@ class OpenAIRewardJudge:
         return g, (regions_from_answer(answers[1], len(regions), key) if regions else [])
 
 
-def make_reward_judge(kind: str, *, model=None, tokenizer=None, openai_cfg=None) -> RewardJudge:
-    """The SRUM judge of `srum.judge`; `openai` takes the endpoint settings of `eval.openai` (OpenAIJudgeConfig)."""
+def make_reward_judge(kind: str, *, pipeline=None, model=None, tokenizer=None, openai_cfg=None) -> RewardJudge:
+    """The SRUM judge of `srum.judge`; `openai` takes the endpoint settings of `eval.openai` (OpenAIJudgeConfig).
+
+    `self` asks `pipeline` (model.pipeline.load_pipeline), or a scratch SconeModel given as model + tokenizer."""
     if kind == "oracle":
         return OracleRewardJudge()
     if kind == "self":
-        if model is None or tokenizer is None:
-            raise ValueError("the 'self' SRUM judge needs the model and its tokenizer (its understanding expert answers)")
-        return SelfRewardJudge(model, tokenizer)
+        if pipeline is None:
+            if model is None or tokenizer is None:
+                raise ValueError("the 'self' SRUM judge needs the round's pipeline (or a scratch model and its "
+                                 "tokenizer): its understanding expert answers")
+            from model.pipeline import ScratchPipeline
+
+            pipeline = ScratchPipeline(model, tokenizer)
+        return SelfRewardJudge(pipeline)
     if kind == "openai":
         from evaluation.judges.openai import OpenAIJudge
 
@@ -509,20 +515,38 @@ def candidate_seed(seed: int, round_index: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, round_index, k]).generate_state(1)[0] % (2**31))
 
 
-def sample_candidates(model, tokenizer, prompts: Sequence, sampling, seeds: Sequence[int]) -> tuple[list, list[list[np.ndarray]]]:
-    """(examples, images) with images[i][k] = prompt i sampled with seeds[k], resized to its target's size."""
+def generate_candidates(pipeline, prompts: Sequence, sampling, seeds: Sequence[int]
+                        ) -> tuple[list, list[list[np.ndarray]]]:
+    """(examples, images) with images[i][k] = prompt i sampled by `pipeline` with seeds[k], resized to its
+    target's size."""
     from model.batching import Example
-    from model.sampler import generate
 
     examples = [Example(refs=[], instruction=prompt_text(r)) for r in prompts]
     per_seed = [
-        generate(model, tokenizer, examples, steps=sampling.steps, cfg_text=sampling.cfg_text,
-                 cfg_image=sampling.cfg_image, seed=s, bridge=False, batch_size=sampling.batch_size)
+        pipeline.generate(examples, steps=sampling.steps, cfg_text=sampling.cfg_text, cfg_image=sampling.cfg_image,
+                          seed=s, bridge=False, batch_size=sampling.batch_size)
         for s in seeds  # no references in text-to-image prompts: nothing for the bridge to mask
     ]
     images = [[resize_to(to_array(per_seed[k][i]), row_target(r).size) for k in range(len(seeds))]
               for i, r in enumerate(prompts)]
     return examples, images
+
+
+def sample_candidates(model, tokenizer, prompts: Sequence, sampling, seeds: Sequence[int]
+                      ) -> tuple[list, list[list[np.ndarray]]]:
+    """`generate_candidates` for a scratch SconeModel already loaded (callers that hold one)."""
+    from model.pipeline import ScratchPipeline
+
+    return generate_candidates(ScratchPipeline(model, tokenizer), prompts, sampling, seeds)
+
+
+def pipeline_settings(srum_cfg, model_cfg=None) -> dict:
+    """load_pipeline's settings for a round (model.pipeline.pipeline_settings of the model config); nothing without
+    a model config (a scratch checkpoint carries its own). SRUM's prompts are text-to-image: no reference for the
+    bridge to mask, so candidates sample without it whatever srum.bridge says (that applies to training)."""
+    from model.pipeline import pipeline_settings as settings_of
+
+    return {} if model_cfg is None else settings_of(model_cfg)
 
 
 def run_round(
@@ -549,7 +573,7 @@ def run_round(
     `judge`: a RewardJudge instance; default from srum_cfg.judge (the self judge uses the round's model, the
     openai judge the endpoint settings `openai_cfg`, an evaluation.config.OpenAIJudgeConfig).
     """
-    from model.modeling import load_checkpoint
+    from model.pipeline import load_pipeline
     from model.srum_train import SrumCandidate, train_srum_round
 
     if not prompts:
@@ -560,12 +584,12 @@ def run_round(
     image_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else round_dir / "checkpoint"
 
-    model, tokenizer = load_checkpoint(model_dir)
-    grid = model.latent_grid
+    pipeline = load_pipeline(model_dir, pipeline_settings(srum_cfg, model_cfg))
+    grid = pipeline.latent_grid
     if judge is None:
-        judge = make_reward_judge(srum_cfg.judge, model=model, tokenizer=tokenizer, openai_cfg=openai_cfg)
+        judge = make_reward_judge(srum_cfg.judge, pipeline=pipeline, openai_cfg=openai_cfg)
     seeds = [candidate_seed(srum_cfg.seed, round_index, k) for k in range(srum_cfg.candidates)]
-    examples, images = sample_candidates(model, tokenizer, prompts, sampling, seeds)
+    examples, images = generate_candidates(pipeline, prompts, sampling, seeds)
     t_generate = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -586,7 +610,11 @@ def run_round(
     maps_path = round_dir / "reward_maps.npy"
     np.save(maps_path, np.stack([c.reward for c in candidates]))
     t_judge = time.perf_counter() - t1
-    del model  # training loads the checkpoint afresh; the sampler's copy is not needed any more
+    judge_name = judge.name
+    # an endpoint judge: what the round's judging cost
+    judge_usage = judge.client.usage() if hasattr(getattr(judge, "client", None), "usage") else None
+    # training loads the checkpoint afresh; a self judge would otherwise keep the sampler's copy alive through it
+    del pipeline, judge
 
     train_summary = train_srum_round(model_dir, candidates, srum_cfg, model_cfg, ckpt_dir, train=train_cfg,
                                      progress=progress, live_metrics=live_metrics)
@@ -598,7 +626,7 @@ def run_round(
         by_category.setdefault(str(r.get("category")), []).append(r["vlm_rewards"][0]["score"])
     summary = {
         "round": round_index,
-        "judge": judge.name,
+        "judge": judge_name,
         "init_checkpoint": str(model_dir),
         "checkpoint": str(ckpt_dir),
         "prompts": len(prompts),
@@ -618,7 +646,7 @@ def run_round(
         "timings_s": {"generate": t_generate, "judge": t_judge, "train": train_summary.get("total_s"),
                       "total": time.perf_counter() - t0},
     }
-    if hasattr(getattr(judge, "client", None), "usage"):  # an endpoint judge: what the round's judging cost
-        summary["judge_usage"] = judge.client.usage()
+    if judge_usage is not None:
+        summary["judge_usage"] = judge_usage
     (round_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("--out", default=None, help="JSON output (default: artifacts/bench/<name>.json)")
 
+    p = sub.add_parser("bootstrap", help="make the release directory the chain starts from (tokenizer, "
+                       "autoencoder, release), as a GPU user downloads theirs")
+    _common(p)
+    p.add_argument("part", choices=["tokenizer", "autoencoder", "release"])
+
     mdl = sub.add_parser("model", help="the BAGEL model family: parity against a fixture, size of a preset")
     mdl_sub = mdl.add_subparsers(dest="action", required=True)
     p = mdl_sub.add_parser("parity", help="load FIXTURE/release, compute the case, compare with expected.safetensors")
@@ -189,11 +194,18 @@ def _dispatch(args) -> int:
 
 
 # Commands that write under the artifacts folder hold its lock (tasks/lock.py); the flows take it themselves.
-WRITERS = ("data", "train", "eval", "srum", "register", "report", "bench")
+WRITERS = ("data", "bootstrap", "train", "eval", "srum", "register", "report", "bench")
 
 
 def _run(args, params) -> int:
     cmd = args.command
+    if cmd == "bootstrap":
+        from tasks import bootstrap
+
+        step = {"tokenizer": bootstrap.tokenizer_step, "autoencoder": bootstrap.autoencoder_step,
+                "release": bootstrap.release_step}[args.part]
+        print(json.dumps(step(params), indent=1, default=str))
+        return 0
     if cmd == "pipeline":
         from flows.pipeline import scone_pipeline
 

@@ -1,6 +1,6 @@
 """The whole chain as one Prefect flow: the stages of `dvc.yaml`, in its order, with DVC deciding what is stale.
 
-build_data -> validate_data -> stage1_step1 -> stage1_step2 -> stage2_step1 (bridge) -> stage2_step2
+build_data -> validate_data -> bootstrap (tokenizer, autoencoder, release) -> stage1_step1 -> stage1_step2 -> stage2_step1 (bridge) -> stage2_step2
 -> srum rounds -> evaluate (each checkpoint) -> register + gate (each checkpoint, in order) -> report
 
 Each step asks DVC whether its stage is up to date (code, params and upstream outputs, as `dvc.yaml` lists them);
@@ -19,6 +19,7 @@ from flows.remote_stage import train_via_deployment
 from flows.srum import srum_rounds
 from tasks import freshness as fr
 from tasks.atomic import clear_staging
+from tasks.bootstrap import autoencoder_task, release_task, tokenizer_task
 from tasks.datasets import all_names, build_dataset_task, validate_dataset_task
 from tasks.evaluate import evaluate_task
 from tasks.lock import artifacts_lock
@@ -49,6 +50,19 @@ def validate_all(params) -> list[dict]:
     return each_then_raise(names, results=[run.result for run in runs])
 
 
+def bootstrap_release(ledger: fr.Ledger, params, log) -> None:
+    """The release directory the first stage starts from: made in the chain for model.preset, unless model.release
+    names one (a downloaded BAGEL-7B-MoT or Scone directory) or the scratch model trains from fresh weights."""
+    if params.model.family != "bagel":
+        return
+    if params.model.release:
+        log.info("starting from the release directory %s (model.release); nothing to bootstrap", params.model.release)
+        return
+    steps = (tokenizer_task, autoencoder_task, release_task)
+    for stage, step in zip(fr.BOOTSTRAP_STAGES, steps):
+        ledger.run_if_stale(stage, step, params, log=log)
+
+
 @flow(name="scone-pipeline", log_prints=True)
 def scone_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, dvc_commit: bool = True) -> dict:
     log = get_run_logger()
@@ -62,6 +76,7 @@ def scone_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
         clear_staging(paths.root)  # what a killed run left; we are the only writer now
         build_stale_datasets(ledger, params, log)
         ledger.run_if_stale(fr.VALIDATE_STAGE, validate_all, params, log=log)
+        bootstrap_release(ledger, params, log)
         for stage in params.pipeline.stage_order:
             if params.pipeline.train_deployment:  # on another work pool, handed over through the DVC remote
                 if not ledger.enabled:

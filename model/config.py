@@ -23,8 +23,36 @@ class BridgeConfig(Strict):
     )
 
 
+class AutoencoderTrainConfig(Strict):
+    """The tiny release's FLUX autoencoder, trained in the chain on the training datasets' images."""
+
+    datasets: list[str] = Field(
+        default_factory=lambda: ["scone_single_candidate_base", "scone_multi_candidate", "t2i_pretrain"],
+        min_length=1, description="training datasets whose images (references and targets) it learns")
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+
+
+class BootstrapConfig(Strict):
+    """What a BAGEL release brings ready-made, made in the chain for a preset (model.bagel.bootstrap)."""
+
+    seed: int = 0
+    tokenizer_vocab_size: int = Field(512, ge=300, description="byte-level BPE size, specials included")
+    autoencoder: AutoencoderTrainConfig = AutoencoderTrainConfig()
+
+
 class ModelConfig(Strict):
     name: str = "tiny"
+    family: Literal["bagel", "scratch"] = Field(
+        "bagel", description="bagel: the BAGEL / Scone architecture (model/bagel), from a release directory; "
+        "scratch: the retired scratch model (model/modeling.py)")
+    preset: str = Field("tiny", description="BAGEL preset the chain bootstraps a release of (model.bagel.config)")
+    release: str | None = Field(
+        None, description="release directory the first stage starts from (scale: the downloaded BAGEL-7B-MoT or "
+        "Scone directory); null: the chain makes one for `preset` under artifacts/release/")
+    bootstrap: BootstrapConfig = BootstrapConfig()
     hidden_size: int = Field(128, ge=16)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)

@@ -27,6 +27,13 @@ def is_release_dir(path: str | Path) -> bool:
     return all((Path(path) / name).exists() for name in RELEASE_MARKERS)
 
 
+def pipeline_settings(model_cfg) -> dict:
+    """What a pipeline needs besides the weights, from params' `model:` section (a ModelConfig), as plain JSON:
+    saved with a registered model so it generates exactly as the chain evaluated it."""
+    return {"image_size": model_cfg.image_size, "max_references": model_cfg.max_references,
+            "timestep_shift": model_cfg.timestep_shift, "bridge": model_cfg.bridge.model_dump()}
+
+
 @dataclass
 class BagelPipeline:
     model: Any  # model.bagel.model.BagelModel
@@ -34,12 +41,13 @@ class BagelPipeline:
     bridge_cfg: Any = None  # model.config.BridgeConfig used when generate(bridge=True)
     timestep_shift: float = 1.0
     max_references: int = 4
+    requested_size: int | None = None  # generated side asked for (rounded up to the model's token grid)
 
     @property
     def image_size(self) -> int:
         from model.bagel.family import image_side
 
-        return image_side(self.model.config, self.model.config.vit.image_size)
+        return image_side(self.model.config, self.requested_size or self.model.config.vit.image_size)
 
     @property
     def latent_grid(self) -> tuple[int, int]:
@@ -55,12 +63,12 @@ class BagelPipeline:
                              "bridge_cfg=params.model.bridge))")
         return generate(self.model, self.tokenizer, examples, steps=steps, cfg_text=cfg_text, cfg_image=cfg_image,
                         seed=seed, bridge=self.bridge_cfg if bridge else None, batch_size=batch_size,
-                        timestep_shift=self.timestep_shift)
+                        timestep_shift=self.timestep_shift, image_size=self.image_size)
 
     def yes_probability(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> np.ndarray:
         from model.bagel.generate import yes_probability
 
-        return yes_probability(self.model, self.tokenizer, images, questions)
+        return yes_probability(self.model, self.tokenizer, images, questions, image_size=self.image_size)
 
 
 @dataclass
@@ -95,9 +103,10 @@ class ScratchPipeline:
         return yes_probability(self.model, self.tokenizer, images, questions)
 
 
-def load_pipeline(checkpoint_dir: str | Path, *, bridge_cfg=None, timestep_shift: float = 1.0,
-                  max_references: int = 4, device: str = "cpu"):
-    """The checkpoint at `checkpoint_dir` as a pipeline (weights in fp32 on `device`, eval mode)."""
+def load_pipeline(checkpoint_dir: str | Path, settings: dict | None = None, *, device: str = "cpu"):
+    """The checkpoint at `checkpoint_dir` as a pipeline (weights in fp32 on `device`, eval mode); `settings` as
+    `pipeline_settings` makes them (defaults: the model's own image size, 4 references, no bridge settings)."""
+    settings = dict(settings or {})
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint {directory} does not exist; run the stage that makes it first")
@@ -107,9 +116,14 @@ def load_pipeline(checkpoint_dir: str | Path, *, bridge_cfg=None, timestep_shift
         from model.bagel.family import BagelTokenizer
         from model.bagel.release import load_release
 
+        from model.config import BridgeConfig
+
         release = load_release(directory, device=device, dtype=torch.float32)
         model = release.model.eval()
-        return BagelPipeline(model, BagelTokenizer(directory), bridge_cfg, timestep_shift, max_references)
+        bridge = settings.get("bridge")
+        return BagelPipeline(model, BagelTokenizer(directory), BridgeConfig(**bridge) if bridge else None,
+                             float(settings.get("timestep_shift", 1.0)), int(settings.get("max_references", 4)),
+                             settings.get("image_size"))
     from model.modeling import load_checkpoint
 
     model, tokenizer = load_checkpoint(directory, device=device)

@@ -19,6 +19,9 @@ How the map becomes a loss weight W(R) (``weighting``):
   global factor multiplies the map, so any global score below 1 pushes even neutral background below 0.5:
   with this weighting a "neutral" layout judgment repels the whole image. L_r is unbounded below where
   W < 0; only lambda_c * L_ref, gradient clipping and few steps hold it, hence not the default.
+
+Each term comes in two forms: from (eps, x0) (the scratch model draws them itself) and from the target
+velocity eps - x0 (`*_velocity_loss`; the BAGEL family's packed forward draws them inside and returns the target).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from model.flow import flow_matching_loss
+from model.flow import velocity_target
 
 Weighting = Literal["direct", "signed"]
 
@@ -55,20 +58,40 @@ def _tokens(reward: Tensor, v: Tensor) -> Tensor:
     return reward.unsqueeze(-1)
 
 
+def reward_weighted_velocity_loss(v: Tensor, target: Tensor, reward: Tensor, *, alpha: float = 1.0,
+                                  weighting: Weighting = "direct") -> Tensor:
+    """L_r (Eq. 1) against a given target velocity eps - x0 (a packed forward returns the target, not eps, x0)."""
+    weight = reward_weights(_tokens(reward, v), weighting)
+    return alpha * ((v.float() - target.float()).pow(2) * weight.float()).mean()
+
+
+def reference_velocity_loss(v: Tensor, target: Tensor) -> Tensor:
+    """L_ref (Eq. 2) against a given target velocity."""
+    return (v.float() - target.float()).pow(2).mean()
+
+
 def reward_weighted_loss(v: Tensor, eps: Tensor, x0: Tensor, reward: Tensor, *, alpha: float = 1.0,
                          weighting: Weighting = "direct") -> Tensor:
     """L_r (Eq. 1): mean of alpha * W(R) * squared velocity error over all tokens and channels."""
-    return alpha * flow_matching_loss(v, x0, eps, weight=reward_weights(_tokens(reward, v), weighting))
+    return reward_weighted_velocity_loss(v, velocity_target(x0, eps), reward, alpha=alpha, weighting=weighting)
 
 
 def reference_loss(v: Tensor, eps: Tensor, x0: Tensor) -> Tensor:
     """L_ref (Eq. 2): plain flow-matching MSE towards the artifact-free ground-truth latent."""
-    return flow_matching_loss(v, x0, eps)
+    return reference_velocity_loss(v, velocity_target(x0, eps))
+
+
+def srum_velocity_loss(v: Tensor, target: Tensor, reward: Tensor, v_ref: Tensor, target_ref: Tensor, *,
+                       alpha: float = 1.0, lambda_c: float = 0.5, weighting: Weighting = "direct"
+                       ) -> dict[str, Tensor]:
+    """Eq. 3 from predicted and target velocities [B, N, C]: {"loss", "l_r", "l_ref"}."""
+    l_r = reward_weighted_velocity_loss(v, target, reward, alpha=alpha, weighting=weighting)
+    l_ref = reference_velocity_loss(v_ref, target_ref)
+    return {"loss": l_r + lambda_c * l_ref, "l_r": l_r, "l_ref": l_ref}
 
 
 def srum_loss(v: Tensor, eps: Tensor, x0: Tensor, reward: Tensor, v_ref: Tensor, eps_ref: Tensor, x0_ref: Tensor,
               *, alpha: float = 1.0, lambda_c: float = 0.5, weighting: Weighting = "direct") -> dict[str, Tensor]:
     """Eq. 3: {"loss": L_r + lambda_c * L_ref, "l_r": L_r, "l_ref": L_ref}."""
-    l_r = reward_weighted_loss(v, eps, x0, reward, alpha=alpha, weighting=weighting)
-    l_ref = reference_loss(v_ref, eps_ref, x0_ref)
-    return {"loss": l_r + lambda_c * l_ref, "l_r": l_r, "l_ref": l_ref}
+    return srum_velocity_loss(v, velocity_target(x0, eps), reward, v_ref, velocity_target(x0_ref, eps_ref),
+                              alpha=alpha, lambda_c=lambda_c, weighting=weighting)

@@ -8,25 +8,34 @@ trainer's (model.engine): AdamW with the SRUM betas and eps, constant LR after a
 clipping, fp32 on CPU / bf16 on GPUs; freezing follows model.train.apply_freezing (generation expert by
 default, see SrumConfig.train_understanding).
 
+Two checkpoint layouts, one loop; they differ only in how the model is loaded, how a batch is collated and
+which module computes the loss (`load_round_model`):
+- a BAGEL release directory (model.pipeline.is_release_dir): model.bagel.family's load / collate and
+  model.bagel.srum.BagelSrumLoss (one packed forward); saved back as a release directory;
+- the older scratch SconeModel folder: model.modeling / model.batching and `SrumLoss` below.
+
 `train_srum_round` writes into `out_dir`, like model.train.train_stage does for a stage:
-- the Hugging Face checkpoint at `out_dir` itself (`model.safetensors`, `config.json`, tokenizer files);
+- the checkpoint at `out_dir` itself, in the layout it was loaded from (a release directory with its
+  `config.json` marker, or `model.safetensors` + `config.json` + tokenizer files);
 - `metrics.jsonl`: one line per step {step, loss, l_r, l_ref, lr, grad_norm};
 - `train_summary.json`, written last.
 """
 from __future__ import annotations
 
 import json
+import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from model import engine as ds_engine
-from model.batching import Example, collate
+from model.batching import Example
 from model.config import ModelConfig, SrumConfig, StageConfig, TrainConfig
 from model.flow import add_noise, sample_timesteps
 from model.srum_loss import srum_loss
@@ -39,7 +48,7 @@ SRUM_DATASET = "srum_self_generated"  # label only: the data are the round's can
 class SrumCandidate(NamedTuple):
     example: Example  # the prompt: references (none for text-to-image) and instruction
     image: np.ndarray  # uint8 H x W x 3, what the model generated for it
-    reward: np.ndarray  # [grid, grid] reward map on the latent grid (model.reward_map.to_latent_grid)
+    reward: np.ndarray  # [rows, cols] reward map on the latent grid (model.reward_map.to_latent_grid)
     reference: np.ndarray  # uint8 H x W x 3, the prompt's ground-truth image (target of L_ref)
 
 
@@ -122,29 +131,27 @@ def _batch_order(n: int, need: int, seed: int) -> np.ndarray:
 def _to_device(batch: dict, device, dtype: torch.dtype) -> dict:
     out = {}
     for k, v in batch.items():
-        v = v.to(device)
-        out[k] = v.to(dtype) if v.is_floating_point() else v
+        if torch.is_tensor(v):  # the BAGEL batch also holds sample layouts (lists) and settings (floats)
+            v = v.to(device)
+            v = v.to(dtype) if v.is_floating_point() else v
+        out[k] = v
     return out
 
 
-def _state_dict(model: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
-    if zero_stage == 3:  # each rank holds a shard until gathered
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+def _grid(grid: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(grid), int(grid)) if isinstance(grid, numbers.Integral) else (int(grid[0]), int(grid[1]))
 
 
-def _check_candidates(candidates: Sequence, grid: int) -> list[SrumCandidate]:
+def _check_candidates(candidates: Sequence, grid: int | tuple[int, int]) -> list[SrumCandidate]:
+    rows, cols = _grid(grid)
     out = []
     for i, c in enumerate(candidates):
         c = SrumCandidate(*c)
         reward = np.asarray(c.reward, dtype=np.float32)
-        if reward.shape != (grid, grid):
+        if reward.shape != (rows, cols):
             raise ValueError(
-                f"candidate {i}: reward map of shape {reward.shape}, the model's latent grid is {grid}x{grid}; "
-                "resize it with model.reward_map.to_latent_grid(map, grid)"
+                f"candidate {i}: reward map of shape {reward.shape}, the model's latent grid is {rows}x{cols}; "
+                f"resize it with model.reward_map.to_latent_grid(map, ({rows}, {cols}))"
             )
         if not np.isfinite(reward).all():
             raise ValueError(f"candidate {i}: the reward map has non-finite values")
@@ -152,6 +159,70 @@ def _check_candidates(candidates: Sequence, grid: int) -> list[SrumCandidate]:
     if not out:
         raise ValueError("train_srum_round needs at least one candidate (prompt, image, reward map, reference)")
     return out
+
+
+@dataclass
+class RoundModel:
+    """What differs between the two checkpoint layouts; the round's loop uses only this."""
+
+    model: nn.Module  # has expert_parameters and save_pretrained(out_dir, state_dict=...)
+    tokenizer: Any  # has save_pretrained(out_dir)
+    grid: tuple[int, int]  # latent (rows, cols) of the training targets: the reward maps' shape
+    collate: Callable[[list[Example]], dict]
+    loss: nn.Module  # (batch, reward [B, rows, cols], generator) -> {"loss", "l_r", "l_ref"}
+    layout: str
+
+
+def _scratch_round_model(model_dir: Path, srum_cfg: SrumConfig, model_cfg: ModelConfig | None) -> RoundModel:
+    from model.batching import collate
+    from model.modeling import load_checkpoint
+
+    model, tokenizer = load_checkpoint(model_dir)
+    if model_cfg is not None:
+        own = model.config.to_model_config()
+        keys = ("image_size", "latent_patch", "hidden_size", "num_layers")
+        diff = [k for k in keys if getattr(own, k) != getattr(model_cfg, k)]
+        if diff:
+            raise ValueError(f"model config differs from the checkpoint {model_dir} in {diff}; "
+                             "the SRUM round trains the checkpoint as saved")
+    loss = SrumLoss(model, bridge=srum_cfg.bridge, alpha=srum_cfg.alpha, lambda_c=srum_cfg.lambda_c,
+                    weighting=srum_cfg.reward_weighting)
+    return RoundModel(model, tokenizer, _grid(model.latent_grid), lambda ex: collate(ex, tokenizer, model.config),
+                       loss, "scratch")
+
+
+def bagel_data_config(bagel_cfg, model_cfg: ModelConfig | None) -> ModelConfig:
+    """The data-side settings the BAGEL family's collate reads (image side, references, timestep sampling,
+    guidance dropout) and the bridge settings, none of which a release stores: `model_cfg`'s, or without it
+    the project defaults at the side the model generates at (model.pipeline.BagelPipeline.image_size)."""
+    if model_cfg is not None:
+        return model_cfg
+    from model.bagel.family import image_side
+
+    return ModelConfig().model_copy(update={"image_size": image_side(bagel_cfg, bagel_cfg.vit.image_size)})
+
+
+def _bagel_round_model(model_dir: Path, srum_cfg: SrumConfig, model_cfg: ModelConfig | None) -> RoundModel:
+    from model.bagel import family
+    from model.bagel.srum import BagelSrumLoss
+
+    model = family.load(model_dir)
+    tokenizer = family.tokenizer(model_dir)
+    data_cfg = bagel_data_config(model.config, model_cfg)
+    side = family.image_side(model.config, data_cfg.image_size)
+    loss = BagelSrumLoss(model, bridge=data_cfg.bridge if srum_cfg.bridge else None, alpha=srum_cfg.alpha,
+                         lambda_c=srum_cfg.lambda_c, weighting=srum_cfg.reward_weighting)
+    return RoundModel(model, tokenizer, model.bagel.latent_grid(side, side),
+                       lambda ex: family.collate(ex, tokenizer, data_cfg), loss, "bagel-release")
+
+
+def load_round_model(model_dir: str | Path, srum_cfg: SrumConfig, model_cfg: ModelConfig | None) -> RoundModel:
+    from model.pipeline import is_release_dir
+
+    model_dir = Path(model_dir)
+    if is_release_dir(model_dir):
+        return _bagel_round_model(model_dir, srum_cfg, model_cfg)
+    return _scratch_round_model(model_dir, srum_cfg, model_cfg)
 
 
 def train_srum_round(
@@ -169,25 +240,20 @@ def train_srum_round(
 
     `live_metrics` ({"tracking_uri", "run_id"}) streams each step's row to that MLflow run (model.live_metrics).
 
-    `model_cfg` (optional) is checked against the checkpoint's own config; the checkpoint is the authority.
+    `model_cfg` (optional): for a scratch checkpoint it is checked against the checkpoint's own config (the
+    checkpoint is the authority); for a BAGEL release it gives the data-side and bridge settings the release
+    does not store (`bagel_data_config`).
     `train` supplies ZeRO stage and precision (defaults: ZeRO-2, auto precision -> fp32 on CPU).
     """
     from tqdm.auto import tqdm
 
-    from model.modeling import load_checkpoint
-    from model.train import apply_freezing
+    from model.train import _final_weights, apply_freezing
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
-    model, tokenizer = load_checkpoint(model_dir)
-    if model_cfg is not None:
-        own = model.config.to_model_config()
-        keys = ("image_size", "latent_patch", "hidden_size", "num_layers")
-        diff = [k for k in keys if getattr(own, k) != getattr(model_cfg, k)]
-        if diff:
-            raise ValueError(f"model config differs from the checkpoint {model_dir} in {diff}; "
-                             "the SRUM round trains the checkpoint as saved")
-    cands = _check_candidates(candidates, model.latent_grid)
+    rm = load_round_model(model_dir, srum_cfg, model_cfg)
+    model, tokenizer = rm.model, rm.tokenizer
+    cands = _check_candidates(candidates, rm.grid)
 
     rank, world = ds_engine.init_distributed()
     train_cfg = srum_train_config(srum_cfg, train)
@@ -196,9 +262,7 @@ def train_srum_round(
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     torch.manual_seed(srum_cfg.seed)
     trainable = apply_freezing(model, stage)
-    loss_module = SrumLoss(model, bridge=srum_cfg.bridge, alpha=srum_cfg.alpha, lambda_c=srum_cfg.lambda_c,
-                           weighting=srum_cfg.reward_weighting)
-    eng = ds_engine.build_engine(loss_module, trainable, train_cfg, stage, world_size=world, precision=precision)
+    eng = ds_engine.build_engine(rm.loss, trainable, train_cfg, stage, world_size=world, precision=precision)
     set_adam_eps(eng, srum_cfg.eps)
     eng.train()
 
@@ -221,7 +285,7 @@ def train_srum_round(
             chosen = [cands[i] for i in order[start : start + mb]]
             examples = [Example(refs=c.example.refs, instruction=c.example.instruction, target=c.image) for c in chosen]
             examples += [Example(refs=c.example.refs, instruction=c.example.instruction, target=c.reference) for c in chosen]
-            batch = _to_device(collate(examples, tokenizer, model.config), eng.device, dtype)
+            batch = _to_device(rm.collate(examples), eng.device, dtype)
             reward = torch.from_numpy(np.stack([c.reward for c in chosen])).to(eng.device, dtype)
             seed = int(np.random.SeedSequence([srum_cfg.seed, step, rank]).generate_state(1)[0])
             torch.manual_seed(seed)
@@ -247,13 +311,18 @@ def train_srum_round(
                     live(row)
             bar.update(1)
         loop_s = time.perf_counter() - t_loop
-        state = _state_dict(eng.module.model, train_cfg.zero_stage)
+        state, _ = _final_weights(eng.module.model, train_cfg.zero_stage, rank)
         if rank == 0:
+            # a checkpoint left in out_dir by an earlier run is replaced whole: a release refuses to be written
+            # over weights, and shards of another split would outlive it
+            for stale in [*out_dir.glob("*.safetensors"), *out_dir.glob("*.safetensors.index.json")]:
+                stale.unlink()
             model.save_pretrained(out_dir, state_dict=state)
             tokenizer.save_pretrained(out_dir)
         summary = {
             "stage": "srum",
             "init_checkpoint": str(model_dir),
+            "checkpoint_layout": rm.layout,
             "steps": srum_cfg.steps,
             "candidates": len(cands),
             "micro_batch": mb,

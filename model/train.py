@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import importlib
+import inspect
 import json
 import shutil
 import time
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from model import data_loader, engine as ds_engine
-from model.config import ModelConfig, StageConfig, TrainConfig
+from model.config import BridgeConfig, ModelConfig, StageConfig, TrainConfig
 from model.safe_state import file_digest
 
 DEFAULT_FAMILY = "model.train:SCONE"
@@ -110,15 +111,21 @@ class StageLoss(nn.Module):
     """The stage's loss as the module DeepSpeed wraps, so ZeRO-3 gathers weights around the whole call."""
 
     def __init__(self, model: nn.Module, *, bridge: bool, und_loss_weight: float,
-                 bridge_straight_through: bool = False):
+                 bridge_straight_through: bool = False, bridge_config: BridgeConfig | None = None):
         super().__init__()
         self.model = model
         self.bridge = bridge
         self.und_loss_weight = und_loss_weight
         self.bridge_straight_through = bridge_straight_through
+        # Families whose config carries no bridge settings (BAGEL: a release's config) take params' model.bridge
+        # per call; the Scone model has them in its own config (with_runtime_settings) and no such argument.
+        takes = bridge and "bridge_config" in inspect.signature(model.training_loss).parameters
+        self.bridge_config = bridge_config if takes else None
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         extra = {"bridge_straight_through": True} if self.bridge_straight_through else {}  # other families need not know it
+        if self.bridge_config is not None:
+            extra["bridge_config"] = self.bridge_config
         return self.model.training_loss(batch, bridge=self.bridge, und_loss_weight=self.und_loss_weight,
                                         generator=generator, **extra)
 
@@ -371,7 +378,8 @@ def train_stage(
 
     t_engine = time.perf_counter()
     eng = ds_engine.build_engine(StageLoss(model, bridge=stage.bridge, und_loss_weight=stage.und_loss_weight,
-                                           bridge_straight_through=stage.bridge_straight_through),
+                                           bridge_straight_through=stage.bridge_straight_through,
+                                           bridge_config=model_cfg.bridge),
                                  trainable, train, stage, world_size=world, precision=precision)
     eng.train()  # from_pretrained hands back a model in eval mode (no condition dropout)
     client: dict = {}

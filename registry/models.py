@@ -36,7 +36,7 @@ TAG_EVAL_SUMMARY = "scone.eval_summary"  # older versions named their summary fi
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 EVAL_ARTIFACT_PATH = "eval"
 LOGGED_MODEL_NAME = "scone-pipeline"
-REQUIRED_CHECKPOINT_FILES = ("config.json", "model.safetensors")
+REQUIRED_CHECKPOINT_FILES = ("config.json",)  # plus weights: one or more *.safetensors (sharded or not)
 # Provenance copied from the run onto the version.
 _RUN_TAGS_TO_VERSION = (TAG_STAGE, TAG_KIND, TAG_GIT_COMMIT, TAG_GIT_DIRTY, TAG_DATA_HASH)
 SOURCE_TAGS_FALLBACK = {"mlflow.source.name": "scone register", "mlflow.source.type": "LOCAL"}
@@ -217,7 +217,8 @@ def pip_requirements() -> list[str]:
 
 
 def log_pipeline_model(tracker: Tracker, run_id: str, checkpoint_dir: Path, sampling: Mapping[str, Any],
-                       staging: Path | None = None, tags: Mapping[str, str] | None = None):
+                       staging: Path | None = None, tags: Mapping[str, str] | None = None,
+                       pipeline: Mapping[str, Any] | None = None):
     """Log `checkpoint_dir` as an MLflow model (pyfunc from code) to `run_id`; returns MLflow's ModelInfo.
 
     Call inside `_fluent` (MLflow logs models through its global tracking URI and active run). Run metrics at step 0
@@ -235,9 +236,11 @@ def log_pipeline_model(tracker: Tracker, run_id: str, checkpoint_dir: Path, samp
             # (MLflow records the file's resolved path as `model_code_path` in MLmodel; loading uses only its name.)
             python_model=str(PYFUNC_CODE),
             artifacts={CHECKPOINT_ARTIFACT_PATH: _cwd_relative(files)},
-            model_config=settings,
+            # the pipeline's settings beside the sampling ones: it generates as the chain evaluated it
+            model_config={**settings, **({pyfunc_io.PIPELINE_KEY: dict(pipeline)} if pipeline else {})},
             signature=pyfunc_io.signature(settings),
-            input_example=pyfunc_io.input_example(pyfunc_io.image_size(files)),
+            input_example=pyfunc_io.input_example(int((pipeline or {}).get("image_size") or
+                                                      pyfunc_io.image_size(files))),
             pip_requirements=pip_requirements(),
             params={f"sampling.{k}": v for k, v in settings.items()},
             tags=dict(tags or {}),
@@ -255,6 +258,7 @@ def register_checkpoint(
     extra_tags: Mapping[str, str] | None = None,
     sampling: Mapping[str, Any] | None = None,
     staging: Path | None = None,
+    pipeline: Mapping[str, Any] | None = None,
 ) -> RegisteredVersion:
     """Log the checkpoint as an MLflow model of `run_id`, create a version from that model, point `candidate` at it.
 
@@ -268,9 +272,11 @@ def register_checkpoint(
 
     checkpoint_dir = Path(checkpoint_dir)
     missing = [f for f in REQUIRED_CHECKPOINT_FILES if not (checkpoint_dir / f).is_file()]
+    if not list(checkpoint_dir.glob("*.safetensors")):
+        missing.append("*.safetensors weights")
     if missing:
         raise FileNotFoundError(
-            f"checkpoint {checkpoint_dir} lacks {', '.join(missing)}; save it with SconeModel.save_pretrained first"
+            f"checkpoint {checkpoint_dir} lacks {', '.join(missing)}; register a finished stage's checkpoint folder"
         )
     settings = {**DEFAULT_SAMPLING, **{k: v for k, v in (sampling or {}).items() if k in SAMPLING_KEYS}}
     client = tracker.client
@@ -288,7 +294,8 @@ def register_checkpoint(
     source_tags = {**SOURCE_TAGS_FALLBACK, **{k: v for k, v in run.data.tags.items() if k.startswith("mlflow.source.")}}
     ensure_registered_model(client, model_name)
     with _fluent(tracker, run_id):
-        info = log_pipeline_model(tracker, run_id, checkpoint_dir, settings, staging, tags=source_tags)
+        info = log_pipeline_model(tracker, run_id, checkpoint_dir, settings, staging, tags=source_tags,
+                                  pipeline=pipeline)
         source = f"models:/{info.model_id}"
         mv = client.create_model_version(model_name, source, run_id=run_id, tags=tags,
                                          description=description or None, model_id=info.model_id)

@@ -24,6 +24,7 @@ IMAGE = "image"
 CHECKPOINT_ARTIFACT = "checkpoint"
 # Sampling settings a version carries (model_config) and a request may override (signature params).
 SAMPLING_KEYS = ("steps", "cfg_text", "cfg_image", "bridge", "seed")
+PIPELINE_KEY = "pipeline"  # model_config entry: model.pipeline.pipeline_settings (image size, references, bridge)
 # The evaluation's defaults (evaluation.config.SamplingConfig, eval.seed), for callers that name none; the register
 # step passes the settings the checkpoint was scored with.
 DEFAULT_SAMPLING = {"steps": 16, "cfg_text": 3.0, "cfg_image": 1.5, "bridge": False, "seed": 0}

@@ -15,26 +15,27 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from registry.pyfunc_io import (
-    CHECKPOINT_ARTIFACT, IMAGE, INSTRUCTION, REFERENCE_IMAGES, decode_png, encode_png, reference_list,
+    CHECKPOINT_ARTIFACT, IMAGE, INSTRUCTION, PIPELINE_KEY, REFERENCE_IMAGES, decode_png, encode_png, reference_list,
     sampling_settings,
 )
 
 
 class SconePipeline(PythonModel):
-    """Loads the checkpoint with `model.modeling.load_checkpoint`, generates with `model.sampler.generate`."""
+    """Loads the checkpoint with `model.pipeline.load_pipeline` (its settings from the model_config) and
+    generates with it."""
 
     def load_context(self, context):
-        from model.modeling import load_checkpoint
+        from model.pipeline import load_pipeline
 
         self.sampling = sampling_settings(context.model_config)
-        self.model, self.tokenizer = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.pipe = load_pipeline(context.artifacts[CHECKPOINT_ARTIFACT],
+                                  (context.model_config or {}).get(PIPELINE_KEY))
 
     # pd.DataFrame: MLflow validates the input against the logged signature, not a type hint
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
 
         from model.batching import Example
-        from model.sampler import generate
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
@@ -42,7 +43,7 @@ class SconePipeline(PythonModel):
             raise ValueError(f"input needs an `{INSTRUCTION}` column (and optionally `{REFERENCE_IMAGES}`: "
                              f"base64 PNGs); got columns {list(model_input.columns)}")
         refs = model_input[REFERENCE_IMAGES] if REFERENCE_IMAGES in model_input.columns else [None] * len(model_input)
-        limit = self.model.config.max_references
+        limit = self.pipe.max_references
         examples = []
         for i, (text, cell) in enumerate(zip(model_input[INSTRUCTION], refs)):
             images = [decode_png(r) for r in reference_list(cell)]
@@ -51,8 +52,8 @@ class SconePipeline(PythonModel):
             examples.append(Example(refs=images, instruction=str(text)))
         s = sampling_settings(self.sampling, params)
         with torch.no_grad():
-            out = generate(self.model, self.tokenizer, examples, steps=s["steps"], cfg_text=s["cfg_text"],
-                           cfg_image=s["cfg_image"], seed=s["seed"], bridge=s["bridge"])
+            out = self.pipe.generate(examples, steps=s["steps"], cfg_text=s["cfg_text"], cfg_image=s["cfg_image"],
+                                     seed=s["seed"], bridge=s["bridge"])
         return pd.DataFrame({IMAGE: [encode_png(img) for img in out]})
 
 

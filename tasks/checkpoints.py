@@ -23,8 +23,14 @@ def stage_of(params, name: str) -> str:
 
 
 def uses_bridge(params, name: str) -> bool:
-    """Sampling follows training: a checkpoint trained with the semantic mask samples with it."""
-    return params.train.stages[stage_of(params, name)].bridge
+    """Sampling with the semantic mask: only with the switch eval.sampling.semantic_mask on, and only for
+    checkpoints at or after the first stage that trained with it (before it, the mask means nothing)."""
+    if not params.eval.sampling.semantic_mask:
+        return False
+    order = list(params.pipeline.stage_order)
+    stage = stage_of(params, name)
+    upto = order[: order.index(stage) + 1] if stage in order else [stage]
+    return any(params.train.stages[s].bridge for s in upto)
 
 
 def data_dirs(params, name: str) -> list:

@@ -59,18 +59,20 @@ def evaluate_step(params, name: str) -> dict:
     from evaluation.runner import evaluate_checkpoint_dir, generate_fn_from_checkpoint
     from evaluation.sconeeval import format_table3
     from evaluation.t2i import evaluate_t2i
+    from model.pipeline import load_pipeline, pipeline_settings
 
     paths = Paths.from_params(params)
     ckpt = paths.checkpoint(name)
     if not (ckpt / "config.json").exists():
         raise FileNotFoundError(f"checkpoint {ckpt} not found: run `scone train --stage {name}` (or the pipeline) first")
     bridge = uses_bridge(params, name)
+    pipe = load_pipeline(ckpt, pipeline_settings(params.model))  # loaded once: SconeEval, T2I and the self judge
     with staged(paths.root, f"scores-{name}") as tmp:
         out = tmp / name
         summary = evaluate_checkpoint_dir(ckpt, paths.data / "sconeeval_bench", out, params.eval, model_name=name,
-                                          bridge=bridge)
+                                          bridge=bridge, pipeline=pipe)
         prompts = read_prompts(paths.data / "srum_prompts" / "prompts.jsonl")
-        generate_fn = generate_fn_from_checkpoint(ckpt, params.eval.sampling, bridge)
+        generate_fn = generate_fn_from_checkpoint(ckpt, params.eval.sampling, bridge, pipeline=pipe)
         t2i = evaluate_t2i(generate_fn, prompts, seed=params.eval.seed)
         (out / "t2i.json").write_text(json.dumps(t2i, indent=1))
         publish([(out, paths.score_dir(name))])

@@ -48,6 +48,7 @@ BUILD_STAGES = {
     "mige_edit": "build_mige_edit",
 }
 VALIDATE_STAGE = "validate_data"
+BOOTSTRAP_STAGES = ("bootstrap_tokenizer", "bootstrap_autoencoder", "bootstrap_release")
 REGISTER_STAGE = "register"
 REPORT_STAGE = "report"
 

@@ -54,6 +54,17 @@ class Paths:
         """Resumable working state (DeepSpeed optimizer state, worker logs): outside every DVC output."""
         return self.root / "work"
 
+    @property
+    def bootstrap(self) -> Path:
+        """The parts of a release the chain makes itself: tokenizer/, autoencoder/ (model.bagel.bootstrap)."""
+        return self.root / "release"
+
+    def release(self, params) -> Path:
+        """The release directory the first training stage starts from: model.release, else the chain's own."""
+        if params.model.release:
+            return Path(params.model.release)
+        return self.bootstrap / params.model.preset
+
     def train_work(self, stage: str) -> Path:
         return self.work / "train" / stage
 

@@ -75,16 +75,18 @@ def register_step(params, name: str) -> dict:
     from registry.models import register_checkpoint
     from registry.plots import loss_plot
     from registry.tracking import Tracker, dvc_data_hash, source_tags
+    from model.pipeline import pipeline_settings
     from tasks.mlflow_runs import recorded_run
 
     paths = Paths.from_params(params)
     ckpt = paths.checkpoint(name)
-    weights = ckpt / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} not found: train checkpoint {name!r} first")
+    weights = sorted(ckpt.glob("*.safetensors"))  # one file or shards; a release's ae.safetensors among them
+    if not weights:
+        raise FileNotFoundError(f"no weights (*.safetensors) in {ckpt}: train checkpoint {name!r} first")
     metrics = checkpoint_metrics(params, name)
     tracker = Tracker(params.registry, Path("."))
-    md5, scores_md5 = file_md5(weights), metrics_digest(metrics)
+    md5 = hashlib.md5("".join(f"{w.name}:{file_md5(w)}" for w in weights).encode()).hexdigest()
+    scores_md5 = metrics_digest(metrics)
     model_name = params.registry.model_name
     existing = _already_registered(tracker.client, model_name, md5)
     if existing is None:
@@ -114,7 +116,7 @@ def register_step(params, name: str) -> dict:
                 description=f"{name}: SconeEval Overall {metrics.get('sconeeval.overall', float('nan')):.3f}",
                 eval_summary=paths.score_dir(name) / name / "summary.json",
                 extra_tags={TAG_WEIGHTS_MD5: md5, TAG_METRICS_MD5: scores_md5},
-                sampling=sampling_settings(params, name), staging=tmp,
+                sampling=sampling_settings(params, name), staging=tmp, pipeline=pipeline_settings(params.model),
             )
         existing = tracker.client.get_model_version(model_name, version.version)
         fresh = True

@@ -29,13 +29,14 @@ def train_step(params, stage_name: str) -> dict:
         raise KeyError(f"unknown stage {stage_name!r}; params.yaml train.stages has {', '.join(params.train.stages)}")
     paths = Paths.from_params(params)
     stage = params.train.stages[stage_name]
-    init = paths.checkpoint(stage.init_from) if stage.init_from else None
+    init, family = _init_and_family(params, stage, paths)
     work = paths.train_work(stage_name)
 
     def run():
         tracker, run_id = open_mlflow_run(params, stage_name, work)
         try:
             result = run_stage(stage_name, stage, params.train, params.model, paths.data, work, init_checkpoint=init,
+                               model_family=family,
                                max_quarantine_fraction=params.data.quality.max_quarantine_fraction,
                                live_metrics=tracker.live_destination(run_id))
         except BaseException:
@@ -58,6 +59,23 @@ def train_step(params, stage_name: str) -> dict:
     summary["checkpoint"] = str(paths.checkpoint(stage_name))
     summary["metrics"] = str(paths.checkpoint(stage_name) / "metrics.jsonl")
     return summary
+
+
+def _init_and_family(params, stage, paths: Paths) -> tuple[Path | None, str]:
+    """Where a stage starts and which model family trains it: a BAGEL stage without a previous stage starts from
+    the release directory (the chain's own, or model.release); the scratch model starts from fresh weights."""
+    from model.train import DEFAULT_FAMILY
+
+    if params.model.family == "scratch":
+        return (paths.checkpoint(stage.init_from) if stage.init_from else None), DEFAULT_FAMILY
+    from model.bagel.release import FAMILY_SPEC
+
+    init = paths.checkpoint(stage.init_from) if stage.init_from else paths.release(params)
+    if not init.is_dir():
+        how = ("train that stage first" if stage.init_from else
+               "run `scone bootstrap tokenizer|autoencoder|release` (or point model.release at a downloaded one)")
+        raise FileNotFoundError(f"the stage starts from {init}, which does not exist: {how}")
+    return init, FAMILY_SPEC
 
 
 def _publish_checkpoint(work: Path, dest: Path, artifacts: Path, stage_name: str) -> None:

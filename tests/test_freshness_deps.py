@@ -14,6 +14,7 @@ PACKAGES = ("data", "model", "evaluation", "registry", "tasks", "dashboards", "f
 STEP_OF_COMMAND = {
     "scone data build": "tasks.datasets",
     "scone data validate": "tasks.datasets",
+    "scone bootstrap": "tasks.bootstrap",
     "scone train": "tasks.train_stage",
     "scone srum round": "tasks.srum",
     "scone eval checkpoint": "tasks.evaluate",

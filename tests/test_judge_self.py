@@ -10,6 +10,7 @@ from data.records import Case
 from data.render import render_array
 from data.scene import CHARACTER_CATEGORIES, COLOURS, OBJECT_CATEGORIES, TEXTURES, Placement, Scene, Subject
 from data.world import slot_bbox
+from model.pipeline import ScratchPipeline
 from evaluation.config import EvalConfig
 from evaluation.judges import Judge, make_judge
 from evaluation.judges.self import Desc, SelfJudge, lift
@@ -81,7 +82,7 @@ def test_distinction_case_hand_computed(monkeypatch):
         "is this at the beach": 0.8,
         "is this in the forest": 0.2,
     })
-    judge = SelfJudge(model=None, tokenizer=None)
+    judge = SelfJudge(ScratchPipeline(None, None))
     assert isinstance(judge, Judge) and judge.deterministic
     case = distinction_case()
     image = render_array(case.target)
@@ -114,7 +115,7 @@ def test_positions_and_a_background_named_in_words(monkeypatch):
     })
     case = placed_case()
     assert qa_position(BLUE, "left") == "is the person in dotted blue on the left"  # the trained wording
-    pf, sc, _ = SelfJudge(None, None).composition(case, render_array(case.target))
+    pf, sc, _ = SelfJudge(ScratchPipeline(None, None)).composition(case, render_array(case.target))
     person = 0.4 * 1.0 + 0.6 * (0.9 - 0.1) / 0.9
     square = 0.4 * 0.0 + 0.6 * (0.6 - 0.2) / 0.8
     background = 0.75 + 0.25 * (0.75 - 0.5) / 0.5
@@ -128,9 +129,9 @@ def test_phrases_stand_in_when_the_benchmark_has_no_scenes(monkeypatch):
     f = fake(monkeypatch, {"is there a red circle": 0.8, "is there a blue circle": 0.1})
     d = distinction_case()
     case = Case(d.key, d.task_type, d.case_type, d.instruction, [None, None], None, d.subject_list, d.subject_label)
-    present, reason = SelfJudge(None, None).presence(case, 0, "the red circle", np.zeros((32, 32, 3), np.uint8))
+    present, reason = SelfJudge(ScratchPipeline(None, None)).presence(case, 0, "the red circle", np.zeros((32, 32, 3), np.uint8))
     assert present == 1 and "'is there a red circle' 0.80" in reason
-    pf, sc, _ = SelfJudge(None, None).composition(case, np.zeros((32, 32, 3), np.uint8))
+    pf, sc, _ = SelfJudge(ScratchPipeline(None, None)).composition(case, np.zeros((32, 32, 3), np.uint8))
     assert all(q.startswith("is there") for q in f.calls[-1])  # no target: nothing about positions or scenes
 
 
@@ -159,7 +160,7 @@ def test_fresh_model_gives_no_credit_and_the_factory_loads_checkpoints(tmp_path)
     pf, sc, _ = judge.composition(case, image)
     assert pf == pytest.approx(0.0, abs=1e-6) and sc == pytest.approx(0.0, abs=1e-6)
     assert judge.presence(case, 0, "the red circle", image)[0] == 0
-    assert make_judge("self", EvalConfig(judge="self"), model=model, tokenizer=tok).model is model
+    assert make_judge("self", EvalConfig(judge="self"), model=model, tokenizer=tok).pipeline.model is model
     with pytest.raises(ValueError, match="checkpoint_dir"):
         make_judge("self", EvalConfig(judge="self"))
 
@@ -168,6 +169,6 @@ def test_runner_asks_a_deterministic_self_judge_once_per_round(monkeypatch, tmp_
     f = fake(monkeypatch, {"is there a striped red circle": 1.0, "is there a striped red square": 0.0})
     case = distinction_case()
     s = evaluate_checkpoint(lambda ex, seed: [render_array(case.target)], [case], tmp_path, "m",
-                            EvalConfig(judge="self", rounds=1, scorings=3), SelfJudge(None, None))
+                            EvalConfig(judge="self", rounds=1, scorings=3), SelfJudge(ScratchPipeline(None, None)))
     assert s["groups"] == 3 and len(f.calls) == 2  # composition batch + the distractor's colour contrast
     assert qa_there(case.references[0].placements[0].subject) in f.calls[0]

@@ -158,7 +158,7 @@ def test_register_refuses_incomplete_checkpoint(tracker, tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text("{}")
     run_id = tracker.start_run("stage1_step1")
-    with pytest.raises(FileNotFoundError, match="lacks model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"lacks \*.safetensors weights"):
         register_checkpoint(tracker, run_id, tmp_path / "ck", "incomplete", {})
 
 

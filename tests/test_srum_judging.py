@@ -21,6 +21,7 @@ from evaluation.srum import (
     reward_record,
 )
 from model.reward_map import reward_map
+from model.pipeline import ScratchPipeline
 
 RED_CIRCLE = Subject("u1", "object", "circle", "red")
 BLUE_SQUARE = Subject("u2", "object", "square", "blue")
@@ -157,12 +158,12 @@ def test_self_judge_scores_two_p_minus_one(monkeypatch):
     monkeypatch.setattr("model.understand.yes_probability", fake)
     image = render_array(SPATIAL["target"])
     regions = propose_regions(image, SPATIAL)
-    g, judged = SelfRewardJudge(model=None, tokenizer=None).judge(SPATIAL, image, regions)
+    g, judged = SelfRewardJudge(ScratchPipeline(None, None)).judge(SPATIAL, image, regions)
     by = {r.object: r.score for r in judged}
     assert by["red circle"] == pytest.approx(0.8) and by["blue square"] == pytest.approx(-0.6)
     assert g.score == pytest.approx(2 * 0.75 - 1)  # mean P(yes) of the two stated positions
     assert "is the red circle on the left" in fake.asked
-    g, _ = SelfRewardJudge(None, None).judge(PAIR, image, [])
+    g, _ = SelfRewardJudge(ScratchPipeline(None, None)).judge(PAIR, image, [])
     assert g.score == pytest.approx(neutral_band((0.9 + 0.2) / 2))
 
 

@@ -146,34 +146,37 @@ class SelfJudge:
     deterministic = True
     concurrency = 1  # one model; the runner then judges case after case
 
-    def __init__(self, model, tokenizer, cache_size: int = 50_000):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, pipeline, cache_size: int = 50_000):
+        self.pipeline = pipeline  # model.pipeline: whatever checkpoint it loaded, it answers yes/no questions
         self._answers: dict[tuple[str, str], float] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, eval_cfg=None, checkpoint_dir: str | Path | None = None, model=None, tokenizer=None) -> "SelfJudge":
-        """The judge of a checkpoint: pass `model` and `tokenizer`, or `checkpoint_dir` to load them."""
-        if model is None:
-            if checkpoint_dir is None:
-                raise ValueError(
-                    "the self judge needs the checkpoint's model: make_judge('self', eval_cfg, checkpoint_dir=DIR) "
-                    "or make_judge('self', eval_cfg, model=..., tokenizer=...)"
-                )
-            from model.modeling import load_checkpoint
+    def from_config(cls, eval_cfg=None, checkpoint_dir: str | Path | None = None, pipeline=None,
+                    model=None, tokenizer=None) -> "SelfJudge":
+        """The judge of a checkpoint: pass its `pipeline` (model.pipeline.load_pipeline), or `checkpoint_dir` to
+        load one, or a scratch `model` with its `tokenizer`."""
+        if pipeline is not None:
+            return cls(pipeline)
+        from model.pipeline import ScratchPipeline, load_pipeline
 
-            model, tokenizer = load_checkpoint(checkpoint_dir)
-        if tokenizer is None:
-            raise ValueError("the self judge got a model without its tokenizer; pass tokenizer= too")
-        return cls(model, tokenizer)
+        if model is not None:
+            if tokenizer is None:
+                raise ValueError("the self judge got a model without its tokenizer; pass tokenizer= too")
+            return cls(ScratchPipeline(model, tokenizer))
+        if checkpoint_dir is None:
+            raise ValueError(
+                "the self judge needs the checkpoint's model: make_judge('self', eval_cfg, checkpoint_dir=DIR) "
+                "or make_judge('self', eval_cfg, pipeline=load_pipeline(DIR))"
+            )
+        return cls(load_pipeline(checkpoint_dir))
 
     # ------------------------------------------------------------------ asking
 
     def ask(self, image: np.ndarray, questions: list[str]) -> dict[str, float]:
         """P(yes) per question about `image`, each question asked once per image."""
         from evaluation.detect import to_array
-        from model.understand import yes_probability
 
         arr = to_array(image)
         digest = hashlib.sha1(arr.tobytes() + str(arr.shape).encode()).hexdigest()
@@ -181,7 +184,7 @@ class SelfJudge:
             known = {q: self._answers[(digest, q)] for q in questions if (digest, q) in self._answers}
             todo = list(dict.fromkeys(q for q in questions if q not in known))
             if todo:
-                probs = yes_probability(self.model, self.tokenizer, [arr] * len(todo), todo)
+                probs = self.pipeline.yes_probability([arr] * len(todo), todo)
                 fresh = {q: float(v) for q, v in zip(todo, probs)}
                 if len(self._answers) + len(fresh) > self._cache_size:
                     self._answers.clear()

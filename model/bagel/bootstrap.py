@@ -47,7 +47,8 @@ from data.scene import CHARACTER_CATEGORIES, COLOURS, OBJECT_CATEGORIES, TEXTURE
 from model.bagel.config import AE_PARAMS, AutoencoderConfig, BagelConfig, preset
 from model.bagel.model import BagelModel
 from model.bagel.packing import SpecialTokens
-from model.bagel.release import AE_FILE, TOKENIZER_FILES, ReleaseError, check_keys, load_tokenizer, save_release
+from model.bagel.release import (AE_FILE, TOKENIZER_FILES, ReleaseError, check_keys, load_tokenizer, mark_release,
+                                 save_release)
 
 # Qwen2's added tokens, then BAGEL's image markers as Qwen2.5 has them; ids follow the BPE vocabulary in this order.
 QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -306,7 +307,6 @@ def assemble_release(tokenizer_dir: str | Path, ae_dir: str | Path, out_dir: str
 
     The directory is written next to `out_dir` and renamed into place, so an interrupted run leaves no
     half-release behind to be mistaken for a finished one."""
-    from model.bagel.family import mark_release  # family imports the stage trainer; only this needs it
 
     tokenizer_dir, ae_dir, out_dir = Path(tokenizer_dir), Path(ae_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -40,8 +40,13 @@ Experts (`expert_parameters`): understanding = the language model's understandin
 norm, lm_head, and the ViT connector; generation = every `*_moe_gen` copy, vae2llm, llm2vae, time_embedder. The ViT,
 the autoencoder and the two sin-cos tables belong to neither and stay frozen (as in BAGEL / Scone training).
 
-Not supported: `bridge=True` (Scone's understanding bridge is not implemented for this family; refused with an
-error).
+Understanding bridge (Scone Stage II, model.bagel.bridge): `training_loss(batch, bridge=True,
+bridge_config=<params' model.bridge>)`, computed in the same packed forward (s from the understanding states after
+layer early_layer, -inf on masked reference tokens for the target's latent queries in the following layers up to
+apply_until). The BridgeConfig comes per call, from the stage trainer's ModelConfig (model/train.py's StageLoss
+passes `model_cfg.bridge` to families whose training_loss takes `bridge_config`): a release's config has no
+bridge settings, and params stay their source. `bridge_straight_through=True` trains the mask through its soft
+surrogate (forward unchanged). bridge=True without a bridge_config is refused with an error.
 
 What model/train.py assumes that a release directory does not have: train.py requires `config.json` in the init
 checkpoint (`train_stage` raises FileNotFoundError otherwise) and in out_dir (`finished_summary`: without it a
@@ -65,16 +70,17 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
+from model.bagel.bridge import BridgeHook
 from model.bagel.config import BagelConfig, preset
 from model.bagel.model import AE_PREFIX, BagelModel
 from model.bagel.packing import PackedSample
 from model.bagel.qwen2_mot import GEN_SUFFIX
+from model.bagel.release import FAMILY_SPEC, MARKER, mark_release  # noqa: F401  (family API)
 from model.bagel.release import (TOKENIZER_FILES, WEIGHT_NAMES, _shapes, find_weights, load_release,
                                  load_tokenizer, save_release)
+from model.config import BridgeConfig
 from model.train import EXPERTS, ModelFamily
 
-FAMILY_SPEC = "model.bagel.family:BAGEL"
-MARKER = "config.json"  # what model/train.py looks for in a checkpoint directory
 PREFIX = "bagel."  # the wrapper's parameter names: PREFIX + the release's key
 
 _UNDERSTANDING = ("language_model.", "connector.")
@@ -91,17 +97,6 @@ def expert_of(name: str) -> str | None:
     if name.startswith(_UNDERSTANDING):
         return "generation" if GEN_SUFFIX in name else "understanding"
     raise ValueError(f"parameter {name!r} belongs to no known part of the BAGEL model")
-
-
-def mark_release(directory: str | Path) -> Path:
-    """Add the `config.json` marker model/train.py requires of an init checkpoint (kept when already there)."""
-    path = Path(directory) / MARKER
-    if not path.exists():
-        find_weights(Path(directory))  # only a release directory gets marked
-        path.write_text(json.dumps({"model_family": FAMILY_SPEC, "layout": "bagel-release",
-                                    "note": "marker for model/train.py; the architecture is in llm_config.json, "
-                                            "vit_config.json and the weights"}, indent=2) + "\n")
-    return path
 
 
 def _stored_dtype(directory: Path) -> torch.dtype:
@@ -186,10 +181,15 @@ class BagelForTraining(nn.Module):
                                 mode=batch.get("timestep_sampling", "logit_normal"), generator=generator,
                                 device=device)
 
-    def packed_forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+    def packed_forward(self, batch: dict, generator: torch.Generator | None = None,
+                       bridge: BridgeConfig | None = None, straight_through: bool = False) -> dict:
         """One packed forward over a collated batch: predicted and target velocities of every generation
         sample's target tokens, answer logits and labels of every understanding sample, and what was drawn
-        (t, x_t per generation sample; which conditions were dropped)."""
+        (t, x_t per generation sample; which conditions were dropped).
+
+        bridge: Scone's semantic mask in every generation sample that kept its references and instruction
+        (`bridge_kept`: the share of reference tokens it kept, a tensor, or None without a mask). straight_through:
+        the loss's gradient also reaches s through the soft surrogate (values unchanged)."""
         m = self.bagel
         cfg = m.config
         device, dtype = m.vae2llm.weight.device, m.vae2llm.weight.dtype
@@ -244,9 +244,16 @@ class BagelForTraining(nn.Module):
             labels.extend(framed[1:])
             samples.append(sample)
 
-        hidden, keepalive = self._hidden_states(samples)
+        hook = None
+        if bridge is not None:
+            # only generation samples: an understanding sample's last text is its answer, not an instruction
+            hook = BridgeHook.from_config(bridge, samples, m.special, cfg.llm.num_hidden_layers,
+                                          straight_through=straight_through,
+                                          only=[True] * len(gens) + [False] * len(qas))
+        hidden, keepalive = self._hidden_states(samples, hook)
         out = {"t": t, "x_t": x_ts, "drop_image": drop_image, "drop_text": drop_text, "velocity": None,
-               "velocity_target": None, "logits": None, "labels": None}
+               "velocity_target": None, "logits": None, "labels": None,
+               "bridge_kept": hook.kept_fraction() if hook is not None else None}
         if gens:
             h = torch.cat([hidden[k][idx.to(device)] for k, idx in enumerate(targets)])
             out["velocity"] = m.llm2vae(h)
@@ -260,12 +267,14 @@ class BagelForTraining(nn.Module):
         out["keepalive"] = keepalive
         return out
 
-    def _hidden_states(self, samples: list[PackedSample]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _hidden_states(self, samples: list[PackedSample],
+                       bridge: BridgeHook | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """`BagelModel.hidden_states` (no cache) with every module called exactly once per forward, whatever the
         batch holds: under ZeRO-3 each module call gathers its weights collectively, so the ranks must call the
         same modules in the same order (a per-sample embedding, or a ViT skipped on one rank only, deadlocks them).
         A module with nothing to do runs on a dummy input whose output enters the loss with weight 0
-        (`keepalive`), so every trainable weight also gets a gradient on every rank."""
+        (`keepalive`), so every trainable weight also gets a gradient on every rank. The bridge calls no module
+        (tensor arithmetic on the states and masks only), so it leaves that order as it is."""
         m = self.bagel
         cfg = m.config
         device, dtype = m.vae2llm.weight.device, m.vae2llm.weight.dtype
@@ -303,16 +312,21 @@ class BagelForTraining(nn.Module):
         gen_mask = torch.cat([s.gen_mask() for s in samples]).to(device)
         positions = torch.tensor([q for s in samples for q in s.position_ids], device=device)
         masks = [s.attention_mask(device) for s in samples]
-        h, _ = m.language_model(x, gen_mask, positions, masks, lens)
+        h, _ = m.language_model(x, gen_mask, positions, masks, lens, bridge=bridge)
         return list(h.split(lens)), keepalive
 
     def training_loss(self, batch: dict, *, bridge: bool = False, und_loss_weight: float = 0.1,
+                      bridge_straight_through: bool = False, bridge_config: BridgeConfig | None = None,
                       generator: torch.Generator | None = None, **_unused) -> dict[str, torch.Tensor]:
-        """fm_loss (velocity MSE on the target tokens) + und_loss_weight * und_loss (answer cross-entropy)."""
-        if bridge:
-            raise ValueError("the understanding bridge (stage.bridge) is not available for the BAGEL "
-                             "family yet; train this stage with bridge: false")
-        out = self.packed_forward(batch, generator)
+        """fm_loss (velocity MSE on the target tokens) + und_loss_weight * und_loss (answer cross-entropy).
+
+        bridge: Scone's semantic mask, with the settings of `bridge_config` (the stage trainer passes the params'
+        model.bridge); bridge_straight_through (with bridge): gradient through its soft surrogate."""
+        if bridge and bridge_config is None:
+            raise ValueError("bridge=True needs bridge_config (the params' model.bridge, which model/train.py "
+                             "passes): a BAGEL release's config holds no bridge settings")
+        out = self.packed_forward(batch, generator, bridge=bridge_config if bridge else None,
+                                  straight_through=bridge and bridge_straight_through)
         device = self.bagel.vae2llm.weight.device
         fm_loss = und_loss = torch.zeros((), device=device)  # float32 whatever the weights' dtype
         if out["velocity"] is not None:

@@ -6,6 +6,10 @@ The methods are the ones training, sampling and a self-judge call:
 - `encode_context` + `velocity_from_context`: the sampler encodes references and instruction once and reuses the
   context's keys/values at every denoising step (exact: the context never attends to the target);
 - `velocity`: the same in one uncached call;
+- Scone's understanding bridge (model.bagel.bridge): pass a BridgeConfig to `hidden_states`, `encode_context` or
+  `velocity`; off by default, as the released sampler. A context encoded with it remembers its mask, which
+  `velocity_from_context` then applies to the target, equal to the uncached `velocity(..., bridge=...)`;
+- `bridge_relevance`: the bridge's relevance s of every reference token (diagnostics, choosing tau);
 - `answer_logits`: next-token logits after a question about images (the `self` judge);
 - `ae_encode` / `ae_decode` and `latent_to_tokens` / `tokens_to_latent`.
 Images are tensors (3, H, W) normalised as (pixel / 255 - 0.5) / 0.5; their sides must be multiples of the ViT
@@ -20,10 +24,12 @@ import torch
 from torch import nn
 
 from model.bagel.autoencoder import FluxAutoencoder
+from model.bagel.bridge import BridgeHook
 from model.bagel.config import BagelConfig
 from model.bagel.packing import PackedSample, SpecialTokens
 from model.bagel.qwen2_mot import LayerKV, Qwen2MoTForCausalLM
 from model.bagel.siglip import MLPConnector, PositionEmbedding, SiglipVisionModel, patchify, unpatchify
+from model.config import BridgeConfig
 
 # Top-level modules whose weights live in the autoencoder's own file (`ae.safetensors`) in a release.
 AE_PREFIX = "ae."
@@ -54,6 +60,10 @@ class Context:
 
     sample: PackedSample
     kv: list[LayerKV]  # one per layer
+    # the understanding bridge it was encoded with: 0 / -inf (float32) per key of the context (prefix included),
+    # added to the continuation's latent queries in layers bridge_layers[0]..bridge_layers[1]; None: no mask
+    bridge_bias: torch.Tensor | None = None
+    bridge_layers: tuple[int, int] | None = None
 
 
 class BagelModel(nn.Module):
@@ -169,12 +179,17 @@ class BagelModel(nn.Module):
         return x
 
     def hidden_states(self, samples: list[PackedSample], past: list[Context] | None = None,
-                      keep: bool = False) -> tuple[list[torch.Tensor], list[Context] | None]:
+                      keep: bool = False, bridge: BridgeConfig | None = None
+                      ) -> tuple[list[torch.Tensor], list[Context] | None]:
         """Final hidden states of each sample, all packed into one forward.
 
         past[i] is sample i's cached prefix (then sample i must be its `continuation()`); keep=True also returns
         each sample's context (prefix + its own tokens) for later continuations.
+        bridge: compute and apply the understanding bridge in every sample that has references and instruction
+        words (others run as without it). With `past`, each context's remembered mask applies instead, so
+        `bridge` must be None there.
         """
+        hook = self._bridge_hook(samples, past, bridge)
         device = self.vae2llm.weight.device
         if past is not None:
             for s, ctx in zip(samples, past, strict=True):
@@ -188,14 +203,41 @@ class BagelModel(nn.Module):
         layer_past = None
         if past is not None:
             layer_past = [[ctx.kv[n] for ctx in past] for n in range(self.config.llm.num_hidden_layers)]
-        h, kept = self.language_model(x, gen_mask, positions, masks, lens, layer_past, keep)
+        h, kept = self.language_model(x, gen_mask, positions, masks, lens, layer_past, keep, hook)
         contexts = None
         if keep:
-            contexts = [Context(s, [kept[n][i] for n in range(len(kept))]) for i, s in enumerate(samples)]
+            contexts = [Context(s, [kept[n][i] for n in range(len(kept))],
+                                *(hook.context_mask(i) if hook is not None else (None, None)))
+                        for i, s in enumerate(samples)]
         return list(h.split(lens)), contexts
 
-    def encode_context(self, sample: PackedSample) -> Context:
-        return self.hidden_states([sample], keep=True)[1][0]
+    def _bridge_hook(self, samples: list[PackedSample], past: list[Context] | None,
+                     bridge: BridgeConfig | None) -> BridgeHook | None:
+        if past is not None:
+            if bridge is not None:
+                raise ValueError("a continuation takes the bridge mask its context was encoded with: pass bridge "
+                                 "to encode_context, not together with past")
+            if any(ctx.bridge_bias is not None for ctx in past):
+                return BridgeHook.from_contexts(samples, past)
+            return None
+        if bridge is None:
+            return None
+        return BridgeHook.from_config(bridge, samples, self.special, self.config.llm.num_hidden_layers)
+
+    def encode_context(self, sample: PackedSample, bridge: BridgeConfig | None = None) -> Context:
+        """With `bridge`, the context also remembers its semantic mask for `velocity_from_context`."""
+        return self.hidden_states([sample], keep=True, bridge=bridge)[1][0]
+
+    @torch.no_grad()
+    def bridge_relevance(self, sample: PackedSample, bridge: BridgeConfig) -> list[torch.Tensor] | None:
+        """The bridge's relevance s (float32, per reference, over its ViT grid row-major) in `sample`; None when
+        the sample has no references or no instruction words."""
+        hook = BridgeHook.from_config(bridge, [sample], self.special, self.config.llm.num_hidden_layers)
+        x = self.embed(sample)
+        device = x.device
+        self.language_model(x, sample.gen_mask().to(device), torch.tensor(sample.position_ids, device=device),
+                            [sample.attention_mask(device)], [len(sample)], None, False, hook)
+        return hook.relevance[0]
 
     def _target(self, after: PackedSample, x_t: torch.Tensor, t: float, rows: int, cols: int) -> PackedSample:
         target = after.continuation()
@@ -204,19 +246,21 @@ class BagelModel(nn.Module):
 
     def velocity_from_context(self, context: Context, x_t: torch.Tensor, t: float,
                               size: tuple[int, int]) -> torch.Tensor:
-        """Velocity (eps - x0) for target tokens x_t (rows*cols, p*p*z) of an image of size (H, W) at time t."""
+        """Velocity (eps - x0) for target tokens x_t (rows*cols, p*p*z) of an image of size (H, W) at time t.
+
+        The context's bridge mask, if it was encoded with one, applies to the target's latent queries."""
         rows, cols = self.latent_grid(*size)
         target = self._target(context.sample, x_t, t, rows, cols)
         h = self.hidden_states([target], past=[context])[0][0]
         return self.llm2vae(h[target.vae_images[0].index.to(h.device)])
 
     def velocity(self, x_t: torch.Tensor, t: float, size: tuple[int, int], references: list[torch.Tensor],
-                 instruction_ids) -> torch.Tensor:
+                 instruction_ids, bridge: BridgeConfig | None = None) -> torch.Tensor:
         """Uncached: context and target in one sequence."""
         rows, cols = self.latent_grid(*size)
         sample = self.generation_context(references, instruction_ids)
         self.add_latent(sample, x_t, rows, cols, timestep=t)
-        h = self.hidden_states([sample])[0][0]
+        h = self.hidden_states([sample], bridge=bridge)[0][0]
         return self.llm2vae(h[sample.vae_images[-1].index.to(h.device)])
 
     def answer_logits(self, images: list[torch.Tensor], question_ids) -> torch.Tensor:

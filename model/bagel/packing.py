@@ -54,6 +54,8 @@ class VitImage:
     patches: torch.Tensor  # (rows * cols, p * p * 3)
     index: torch.Tensor
     position_ids: torch.Tensor  # ids into the ViT's learned table and vit_pos_embed
+    rows: int  # patch grid, which the understanding bridge needs to resize relevance onto the latent grid
+    cols: int
 
 
 @dataclass
@@ -106,7 +108,7 @@ class PackedSample:
         rows, cols = image.shape[1] // patch, image.shape[2] // patch
         patches = patchify(image, patch)
         index, seg = self._add_image(VIT, patches.shape[0], special)
-        self.vit_images.append(VitImage(patches, index, grid_position_ids(rows, cols, max_per_side)))
+        self.vit_images.append(VitImage(patches, index, grid_position_ids(rows, cols, max_per_side), rows, cols))
         return seg
 
     def add_vae_image(self, tokens: torch.Tensor, rows: int, cols: int, timestep: float, max_latent_size: int,

@@ -100,6 +100,26 @@ class LayerKV:
     value: torch.Tensor
 
 
+@dataclass
+class SoftRows:
+    """Query rows of one sample and their differentiable additive mask (rows, past + q) for straight-through."""
+
+    rows: torch.Tensor
+    mask: torch.Tensor
+
+
+def _straight_through(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      soft: SoftRows) -> torch.Tensor:
+    """out (heads, q, dim) plus (a - a.detach()) on soft.rows, a = attention of those rows under soft.mask.
+
+    q, k and v are detached: they already get their gradient from the exact (hard-masked) attention, so the extra
+    term only trains what produced the mask."""
+    rows = soft.rows.to(out.device)
+    qr = q[:, rows].detach()
+    a = F.scaled_dot_product_attention(qr, k.detach(), v.detach(), attn_mask=soft.mask.to(qr.dtype))
+    return out.index_add(1, rows, a - a.detach())
+
+
 class MoTAttention(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -126,11 +146,15 @@ class MoTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing, rope: tuple[torch.Tensor, torch.Tensor],
                 masks: list[torch.Tensor], sample_lens: list[int],
-                past: list[LayerKV] | None = None, keep: list[LayerKV] | None = None) -> torch.Tensor:
-        """x: packed (tokens, hidden). masks[i]: bool (q_i, past_i + q_i), True where attention is allowed.
+                past: list[LayerKV] | None = None, keep: list[LayerKV] | None = None,
+                soft: list[SoftRows | None] | None = None) -> torch.Tensor:
+        """x: packed (tokens, hidden). masks[i]: bool (q_i, past_i + q_i), True where attention is allowed, or
+        an additive float mask of that shape (0 / -inf, the understanding bridge's layers).
 
         With `past`, sample i's queries also see its cached prefix; with `keep`, each sample's full keys/values
-        (prefix + new) are appended there, ready to serve as the next call's `past`.
+        (prefix + new) are appended there, ready to serve as the next call's `past`. `soft[i]` (straight-through
+        bridge training) adds to the rows it names a term whose value is exactly zero and whose gradient is that of
+        attention under its differentiable mask.
         """
         heads = self.num_heads + 2 * self.num_kv_heads
         qkv = routing.apply(x, lambda t: self._qkv(t, "").flatten(1), lambda t: self._qkv(t, GEN_SUFFIX).flatten(1),
@@ -150,7 +174,12 @@ class MoTAttention(nn.Module):
             # Query head h reads key/value head h // groups (Qwen2's GQA grouping).
             kh = ki.repeat_interleave(groups, dim=1).transpose(0, 1)
             vh = vi.repeat_interleave(groups, dim=1).transpose(0, 1)
-            out = F.scaled_dot_product_attention(qi.transpose(0, 1), kh, vh, attn_mask=masks[i])
+            mask = masks[i]
+            if mask.is_floating_point() and mask.dtype != qi.dtype:
+                mask = mask.to(qi.dtype)  # SDPA wants an additive mask in the query's dtype
+            out = F.scaled_dot_product_attention(qi.transpose(0, 1), kh, vh, attn_mask=mask)
+            if soft is not None and soft[i] is not None:
+                out = _straight_through(out, qi.transpose(0, 1), kh, vh, soft[i])
             outputs.append(out.transpose(0, 1).reshape(qi.shape[0], -1))
         attn = torch.cat(outputs)
         return routing.apply(attn, self.o_proj, getattr(self, f"o_proj{GEN_SUFFIX}"), out_dim=x.shape[-1])
@@ -167,9 +196,9 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, routing: Routing, rope, masks, sample_lens, past=None, keep=None):
+    def forward(self, x, routing: Routing, rope, masks, sample_lens, past=None, keep=None, soft=None):
         h = routing.apply(x, self.input_layernorm, self.input_layernorm_moe_gen)
-        x = x + self.self_attn(h, routing, rope, masks, sample_lens, past, keep)
+        x = x + self.self_attn(h, routing, rope, masks, sample_lens, past, keep, soft)
         ffn = routing.apply(x, lambda t: self.mlp(self.post_attention_layernorm(t)),
                             lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)))
         return x + ffn
@@ -197,18 +226,24 @@ class Qwen2MoTForCausalLM(nn.Module):
     def forward(self, x: torch.Tensor, gen_mask: torch.Tensor, position_ids: torch.Tensor,
                 masks: list[torch.Tensor], sample_lens: list[int],
                 past: list[list[LayerKV]] | None = None,
-                keep: bool = False) -> tuple[torch.Tensor, list[list[LayerKV]] | None]:
+                keep: bool = False, bridge=None) -> tuple[torch.Tensor, list[list[LayerKV]] | None]:
         """Final hidden states (after each expert's final norm) of packed embeddings `x`.
 
         past[layer][sample] is a cached prefix per sample; with keep=True the new cache (prefix + these tokens)
-        is returned in the same layout.
+        is returned in the same layout. `bridge` (model.bagel.bridge.BridgeHook) sees the residual stream after
+        every layer and may replace a layer's masks; it calls no module, so every rank of a ZeRO-3 step still
+        calls the same modules in the same order.
         """
         routing = Routing(gen_mask)
         rope = self.model.rotary_emb(position_ids)
         kept: list[list[LayerKV]] | None = [] if keep else None
         for n, layer in enumerate(self.model.layers):
             layer_keep: list[LayerKV] | None = [] if keep else None
-            x = layer(x, routing, rope, masks, sample_lens, None if past is None else past[n], layer_keep)
+            layer_masks, soft = (masks, None) if bridge is None else bridge.before_layer(n, masks)
+            x = layer(x, routing, rope, layer_masks, sample_lens, None if past is None else past[n], layer_keep,
+                      soft)
+            if bridge is not None:
+                bridge.after_layer(n, x)
             if keep:
                 kept.append(layer_keep)
         x = routing.apply(x, self.model.norm, self.model.norm_moe_gen)

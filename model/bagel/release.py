@@ -217,3 +217,18 @@ def save_release(model: BagelModel, directory: Path, weights_name: str = "ema.sa
                  max_shard_bytes)
     save_weights({k[len(AE_PREFIX):]: v for k, v in state.items() if k.startswith(AE_PREFIX)}, directory, AE_FILE)
     return directory
+
+
+FAMILY_SPEC = "model.bagel.family:BAGEL"
+MARKER = "config.json"  # what model/train.py looks for in a checkpoint directory
+
+
+def mark_release(directory: str | Path) -> Path:
+    """Add the `config.json` marker model/train.py requires of an init checkpoint (kept when already there)."""
+    path = Path(directory) / MARKER
+    if not path.exists():
+        find_weights(Path(directory))  # only a release directory gets marked
+        path.write_text(json.dumps({"model_family": FAMILY_SPEC, "layout": "bagel-release",
+                                    "note": "marker for model/train.py; the architecture is in llm_config.json, "
+                                            "vit_config.json and the weights"}, indent=2) + "\n")
+    return path
