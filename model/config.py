@@ -29,8 +29,8 @@ class AutoencoderTrainConfig(Strict):
     datasets: list[str] = Field(
         default_factory=lambda: ["scone_single_candidate_base", "scone_multi_candidate", "t2i_pretrain"],
         min_length=1, description="training datasets whose images (references and targets) it learns")
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(32, ge=1)
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
 
@@ -118,6 +118,14 @@ class StageConfig(Strict):
         return self
 
 
+def check_endpoint(value: str) -> str:
+    """`value` if it is host:port (a rendezvous address), else ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"rendezvous endpoint {value!r}: expected host:port, e.g. node001:29500")
+    return value
+
+
 class TrainConfig(Strict):
     num_ranks: int = Field(1, ge=1, description="DeepSpeed ranks (torchrun --nproc_per_node)")
     zero_stage: int = Field(2, ge=0, le=3)
@@ -130,7 +138,47 @@ class TrainConfig(Strict):
     seed: int = 0
     log_every: int = 10
     save_every: int = Field(50, ge=1, description="resumable DeepSpeed checkpoint interval (steps)")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="pack micro batches by tokens, as BAGEL: each takes samples in the data order while "
+        "the next one still fits this many tokens of the packed sequence (micro_batch is then unused); a sample "
+        "larger than the budget is an error. null: micro_batch samples each")
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes per lane (each rank reads grad_accum lanes) that read and "
+        "decode row groups ahead of training; 0: in the training process. Batches are identical for any value")
+    shuffle_window: int = Field(
+        4, ge=1, description="row groups whose rows are shuffled together in a lane's data order; also what one "
+        "loader worker decodes at once (memory: about shuffle_window x (prefetch 2 + 1) row groups per worker)")
     stages: dict[str, StageConfig]
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer (and trained ViT layer) in backward instead of keeping its "
+        "activations: far less memory for about a third more compute, same losses and gradients")
+    max_shard_bytes: int = Field(
+        5_000_000_000, ge=1, description="largest weights file of the saved checkpoint: above it the weights are "
+        "written as <name>-0000K-of-0000N.safetensors shards plus <name>.safetensors.index.json")
+    zero3_persistence_threshold: int | None = Field(
+        None, ge=0, description="ZeRO-3: parameters of fewer elements stay whole on every rank instead of being "
+        "partitioned (DeepSpeed's stage3_param_persistence_threshold); null: DeepSpeed's default (100000)")
+    nodes: int | None = Field(
+        None, ge=1, description="machines of the run (torchrun --nnodes), each running num_ranks ranks; null: from "
+        "the environment (PET_NNODES, NNODES, SLURM_NNODES, SLURM_JOB_NUM_NODES), else 1")
+    node_rank: int | None = Field(
+        None, ge=0, description="this machine's index in 0..nodes-1 (torchrun --node_rank); null: from the "
+        "environment (PET_NODE_RANK, NODE_RANK, SLURM_NODEID), else 0 on one node")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the c10d rendezvous of a multi-node run (torchrun --rdzv_endpoint), the "
+        "same on every node; null: from the environment (PET_RDZV_ENDPOINT, MASTER_ADDR:MASTER_PORT, or the "
+        "first host of SLURM_JOB_NODELIST with MASTER_PORT or 29500)")
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        return value if value is None else check_endpoint(value)
+
+    @model_validator(mode="after")
+    def _node_rank_in_range(self):
+        if self.nodes is not None and self.node_rank is not None and self.node_rank >= self.nodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nodes {self.nodes}")
+        return self
 
 
 class SrumConfig(Strict):

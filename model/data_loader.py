@@ -1,29 +1,60 @@
-"""Deterministic, resumable, rank-sharded sample order over Scone-S2I parquet datasets.
+"""Streamed, deterministic, resumable micro batches over Scone-S2I parquet datasets, each rank reading its own rows.
 
-The sample stream of a stage is the concatenation of its datasets, visited epoch after epoch, each epoch
-a permutation drawn from (seed, epoch). Optimizer step s consumes stream positions
-[s * G, (s + 1) * G) with G = micro_batch * grad_accum * world_size; that window is cut into G / micro_batch
-chunks and chunk c = micro_step * world_size + rank goes to `rank` at `micro_step`. So the position in the
-stream is the whole data-loader state a resumed run needs, and one rank with grad_accum k sees exactly the
-chunks that k ranks see in one micro step.
+Lanes. A step of training runs L = world_size * grad_accum micro batches; lane c feeds the micro batch
+`micro_step * world_size + rank == c` of every step (`Sharding.chunk`), so rank r runs the lanes
+r, r + world_size, ... and every rank runs exactly grad_accum micro batches per step, packed or not: the ZeRO-3
+collectives of the forward and backward passes line up across ranks. Which samples a lane serves depends on L
+and the seed only, so one rank with grad_accum k trains on the same micro batches, in the same slots (and with the
+same noise, train.noise_seed), as k ranks with grad_accum 1.
 
-Rows are read once per process and turned into examples (decoded images) by the model's batching code;
-the datasets are small, so the decoded examples stay cached in memory for later stages of the same process.
+What a lane reads. The stage's datasets are cut into units, the parquet row groups (in the degenerate case of
+fewer row groups than lanes, row slices of them, so every lane has rows). Each epoch e draws a permutation of the
+units from (seed, e) and deals them out in that order, each to the lane holding the fewest rows so far: the
+lanes' shares of an epoch are disjoint and together hold every row once. A lane visits its share in blocks of
+`window` units (train.shuffle_window); the rows of a block are shuffled together by (seed, e, lane, block). The
+lane then goes on to its share of epoch e + 1: lanes do not wait for each other, so their epochs may drift apart
+by a share's length. A rank thus reads only the row groups of its lanes, a row group at a time (one parquet read
+per unit), and no process ever holds more than a few blocks of decoded rows.
 
-Only clean rows are trained on: rows validation quarantined (validation/quarantine/<name>.parquet next to
-the data root) are skipped, and a row that still fails to decode here is quarantined too, as long as the
-share of the dataset lost stays within max_quarantine_fraction; past it, DataDecodeError names the dataset,
-the shard file, the row and its key, and the fix.
+Positions. A lane's stream is an endless sequence of rows; its position is how many of them micro batches have
+consumed. The positions of all lanes are the whole data-loader state (`StageBatches.state`); a run restored from
+them (`StageBatches.restore`) serves the same micro batches as an uninterrupted one.
+
+Micro batches. Without a token budget a micro batch is the lane's next `micro_batch` samples. With
+train.max_tokens_per_micro_batch it takes samples in lane order while the next one still fits the budget (the
+family's `sample_tokens` counts a sample's tokens in the packed sequence); a sample that alone exceeds the
+budget is an error naming it. As in BAGEL's packed training, the number of samples per micro batch then varies,
+and each micro batch weighs the same in the step's gradient.
+
+Workers. With num_workers > 0 a lane's blocks are read and decoded by torch DataLoader worker processes, block
+k of the lane's stream by worker k mod num_workers; the DataLoader hands the blocks back in stream order, so the
+micro batches do not depend on num_workers. Each worker holds the block it decodes and up to prefetch_factor
+decoded blocks waiting in the queue.
+
+Order. The order is not that of the loader before streaming (one permutation of all decoded samples per epoch):
+serving a uniform permutation of every row needs random access to single rows, which a parquet file offers only
+a row group at a time (a whole row group read per sample) or by holding every row. Shuffling row groups, and rows
+within a window of row groups, reads each row group once per epoch.
+
+Only clean rows are trained on: rows validation quarantined (validation/quarantine/<name>.parquet next to the
+data root) are skipped, and a row that fails to decode when it is reached is skipped too (recorded by
+`DecodeLedger`, written to the stage's quarantine folder) as long as, with the rows validation quarantined, no more
+than max_quarantine_fraction of its dataset is lost; past it, DataDecodeError names the dataset, the shard file,
+the row and its key, and the fix. `load_examples` decodes whole datasets with the same rules, checking the
+fraction after reading all of it.
 """
 from __future__ import annotations
 
+import heapq
 import logging
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch.utils.data
 
 from data.formats import scone_s2i
 from data.quarantine import fix_hint, row_key, row_problems, validation_quarantine_path, write_quarantine
@@ -56,18 +87,26 @@ class DataDecodeError(ValueError):
     """More rows of a dataset fail to decode than data.quality.max_quarantine_fraction allows."""
 
 
+def _columns(pf: pq.ParquetFile, name: str, shard: str) -> list[str]:
+    names = pf.schema_arrow.names
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"dataset {name}, {shard}: missing column(s) {missing}; a Scone-S2I shard needs "
+                         f"{list(REQUIRED_COLUMNS)}; {fix_hint(name, row=False)}")
+    return list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
+
+
 def _shard_rows(root: str | Path, name: str):
-    """(shard name, index in the shard, row) for every row of a dataset, shard by shard."""
+    """(shard name, index in the shard, row) for every row of a dataset, a row group at a time."""
     for path in dataset_files(root, name):
         shard = scone_s2i.shard_name(root, path)
-        names = pq.ParquetFile(path).schema_arrow.names
-        missing = [c for c in REQUIRED_COLUMNS if c not in names]
-        if missing:
-            raise ValueError(f"dataset {name}, {shard}: missing column(s) {missing}; a Scone-S2I shard needs "
-                             f"{list(REQUIRED_COLUMNS)}; {fix_hint(name, row=False)}")
-        cols = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
-        for index, row in enumerate(pq.read_table(path, columns=cols).to_pylist()):
-            yield shard, index, row
+        with pq.ParquetFile(path) as pf:
+            cols = _columns(pf, name, shard)
+            index = 0
+            for g in range(pf.num_row_groups):
+                for row in pf.read_row_group(g, columns=cols, use_threads=False).to_pylist():
+                    yield shard, index, row
+                    index += 1
 
 
 def read_rows(root: str | Path, name: str) -> list[dict]:
@@ -90,6 +129,10 @@ def quarantined_rows(root: str | Path, name: str) -> set[tuple]:
     return out
 
 
+def _is_quarantined(skip: set[tuple], shard: str, index: int, key: str) -> bool:
+    return (shard, index, key) in skip or (None, None, key) in skip
+
+
 def _fingerprint(root: str | Path, name: str) -> tuple:
     # a rebuilt dataset (new files or new contents) or a new quarantine list must not be served from the cache
     files = [*dataset_files(root, name), validation_quarantine_path(root, name)]
@@ -106,48 +149,76 @@ def _decode_problem(row: dict, error: Exception) -> str:
     return "; ".join(problems) if problems else f"{type(error).__name__}: {error}"
 
 
-def _decode_rows(rows: list[dict], sources: list[tuple], examples_from_rows) -> tuple[list, list]:
-    """Examples, and (row, source, reason) of the rows that fail. Decodes all rows at once (the usual case);
-    only when that fails, row by row to find the culprits."""
+def _decode(rows: list[dict], examples_from_rows) -> list[tuple[Any, str | None]]:
+    """(example, None) or (None, why it fails) per row. Decodes all rows at once (the usual case); only when that
+    fails, row by row to find the culprits."""
+    if not rows:
+        return []
     try:
-        return list(examples_from_rows(rows)), []
+        examples = list(examples_from_rows(rows))
+        if len(examples) == len(rows):
+            return [(e, None) for e in examples]
     except Exception:  # noqa: BLE001 (any failure of the model's decoding is a finding about some row)
         pass
-    examples, bad = [], []
-    for row, source in zip(rows, sources):
+    out = []
+    for row in rows:
         try:
-            examples.extend(examples_from_rows([row]))
+            examples = list(examples_from_rows([row]))
         except Exception as e:  # noqa: BLE001
-            bad.append((row, source, _decode_problem(row, e)))
-    return examples, bad
+            out.append((None, _decode_problem(row, e)))
+            continue
+        out.append((examples[0], None) if len(examples) == 1 else
+                   (None, f"decodes to {len(examples)} examples, expected 1"))
+    return out
+
+
+def _quarantine_record(row: dict, shard: str, index: int, key: str) -> dict:
+    return {**row, scone_s2i.SHARD_COLUMN: shard, scone_s2i.ROW_COLUMN: index, "key": key}
+
+
+def _unusable(name: str, findings: list[str], lost: int, total: int, skipped: int, failing: int,
+              max_fraction: float) -> DataDecodeError:
+    more = "".join(f"\n  {f}" for f in findings[1:6])
+    return DataDecodeError(
+        f"{findings[0]}; {fix_hint(name)}\n  {lost} of {total} rows unusable ({lost / total:.1%} > "
+        f"data.quality.max_quarantine_fraction={max_fraction:g}: {skipped} quarantined by validation, "
+        f"{failing} failing to decode now){more}")
 
 
 def _load_dataset(root, name: str, examples_from_rows, max_fraction: float, quarantine_dir) -> list:
     skip = quarantined_rows(root, name)
-    rows, sources, skipped = [], [], 0
+    examples, bad, total, skipped = [], [], 0, 0
+    group: list[tuple[str, int, str, dict]] = []
+
+    def flush():
+        for (shard, index, key, row), (example, problem) in zip(group, _decode([g[3] for g in group],
+                                                                                examples_from_rows)):
+            if problem is None:
+                examples.append(example)
+            else:
+                bad.append((row, (shard, index, key), problem))
+        group.clear()
+
     for shard, index, row in _shard_rows(root, name):
+        total += 1
         key = row_key(row)
-        if (shard, index, key) in skip or (None, None, key) in skip:
+        if _is_quarantined(skip, shard, index, key):
             skipped += 1
             continue
-        rows.append(row)
-        sources.append((shard, index, key))
-    examples, bad = _decode_rows(rows, sources, examples_from_rows)
-    total, lost = len(rows) + skipped, skipped + len(bad)
+        group.append((shard, index, key, row))
+        if len(group) >= 64:  # decoded in bounded batches; the result is all of them anyway
+            flush()
+    flush()
+    lost = skipped + len(bad)
     findings = [f"{_where(name, *source)}: {reason}" for _, source, reason in bad]
     if bad and lost / max(total, 1) > max_fraction:
-        more = "".join(f"\n  {f}" for f in findings[1:6])
-        raise DataDecodeError(
-            f"{findings[0]}; {fix_hint(name)}\n  {lost} of {total} rows unusable ({lost / total:.1%} > "
-            f"data.quality.max_quarantine_fraction={max_fraction:g}: {skipped} quarantined by validation, "
-            f"{len(bad)} failing to decode now){more}")
+        raise _unusable(name, findings, lost, total, skipped, len(bad), max_fraction)
     if bad:
         log.warning("dataset %s: %d row(s) fail to decode and are left out (%d of %d rows unusable, within "
                     "data.quality.max_quarantine_fraction=%g):\n  %s", name, len(bad), lost, total, max_fraction,
                     "\n  ".join(findings))
         if quarantine_dir is not None:
-            records = [({**row, scone_s2i.SHARD_COLUMN: shard, scone_s2i.ROW_COLUMN: index, "key": key}, reason)
-                       for row, (shard, index, key), reason in bad]
+            records = [(_quarantine_record(row, *source), reason) for row, source, reason in bad]
             write_quarantine(records, None, name, path=Path(quarantine_dir) / f"{name}.parquet")
     if not examples:
         raise ValueError(f"dataset {name!r} under {root} has no rows" + (f" ({skipped} quarantined by validation)" if skipped else ""))
@@ -158,9 +229,10 @@ def load_examples(root: str | Path, names: Sequence[str], examples_from_rows: Ca
                   max_quarantine_fraction: float = 0.05, quarantine_dir: str | Path | None = None) -> list:
     """Examples of the clean rows of datasets `names`, concatenated in that order; decoded once per process.
 
-    Rows that fail to decode are left out (and written to `quarantine_dir`/<name>.parquet when given; the
-    default writes nothing, since every rank runs this and one of them should) unless, with the rows
-    validation quarantined, more than `max_quarantine_fraction` of the dataset is lost: DataDecodeError."""
+    All of them in memory: for small datasets and checks (the stage trainer streams, see `StageBatches`).
+    Rows that fail to decode are left out (and written to `quarantine_dir`/<name>.parquet when given) unless,
+    with the rows validation quarantined, more than `max_quarantine_fraction` of the dataset is lost:
+    DataDecodeError."""
     out: list = []
     for name in names:
         key = (_fingerprint(root, name), getattr(examples_from_rows, "__module__", ""),
@@ -175,28 +247,268 @@ def clear_cache() -> None:
     _EXAMPLE_CACHE.clear()
 
 
-class SampleOrder:
-    """The endless stream of sample indices: epoch e is a permutation of range(n) drawn from (seed, e)."""
+# ---------------------------------------------------------------------------------------------------------------
+# the stage's rows: units, lanes, blocks
 
-    def __init__(self, num_samples: int, seed: int):
-        if num_samples < 1:
-            raise ValueError("SampleOrder needs at least one sample")
-        self.num_samples = num_samples
-        self.seed = seed
-        self._permutations: dict[int, np.ndarray] = {}
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            if len(self._permutations) > 4:  # a step window spans at most a few epochs
-                self._permutations.clear()
-            self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        return self._permutations[epoch]
+@dataclass(frozen=True)
+class Unit:
+    """Rows [lo, hi) of one parquet row group: what a lane reads in one go."""
 
-    def indices(self, start: int, count: int) -> np.ndarray:
-        """Sample indices at stream positions [start, start + count)."""
-        positions = np.arange(start, start + count)
-        epochs, offsets = np.divmod(positions, self.num_samples)
-        return np.array([self.permutation(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+    dataset: str
+    path: str
+    shard: str
+    group: int
+    first_row: int  # index in its file of the group's first row: rows are named by their index in the file
+    lo: int
+    hi: int
+    columns: tuple[str, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return self.hi - self.lo
+
+
+class StageIndex:
+    """The row groups of a stage's datasets (from the parquet footers: no row is read) and the rows validation
+    quarantined."""
+
+    def __init__(self, root: str | Path, names: Sequence[str]):
+        self.root = Path(root)
+        self.names = list(names)
+        self.groups: list[Unit] = []
+        self.rows: dict[str, int] = {}
+        for name in self.names:
+            count = 0
+            for path in dataset_files(root, name):
+                shard = scone_s2i.shard_name(root, path)
+                with pq.ParquetFile(path) as pf:
+                    cols = tuple(_columns(pf, name, shard))
+                    first = 0
+                    for g in range(pf.metadata.num_row_groups):
+                        n = pf.metadata.row_group(g).num_rows
+                        if n:
+                            self.groups.append(Unit(name, str(path), shard, g, first, 0, n, cols))
+                        first += n
+                count += first
+            if not count:
+                raise ValueError(f"dataset {name!r} under {root} has no rows")
+            self.rows[name] = count
+        self.quarantined = {name: quarantined_rows(root, name) for name in self.names}
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+    def units(self, lanes: int) -> list[Unit]:
+        """The row groups, each whole unless there are fewer of them than lanes: then each is cut into up to k
+        row slices, k the smallest that gives every lane a unit (two lanes then read the same row group)."""
+        for k in range(1, lanes + 1):
+            if sum(min(k, g.num_rows) for g in self.groups) >= lanes:
+                break
+        else:
+            raise ValueError(f"datasets {self.names} have {self.total_rows} rows, fewer than the {lanes} lanes "
+                             f"(num_ranks x grad_accum) that read them")
+        out = []
+        for g in self.groups:
+            parts = min(k, g.num_rows)
+            bounds = [g.num_rows * i // parts for i in range(parts + 1)]
+            out += [Unit(g.dataset, g.path, g.shard, g.group, g.first_row, lo, hi, g.columns)
+                    for lo, hi in zip(bounds, bounds[1:])]
+        return out
+
+
+@dataclass(frozen=True)
+class Block:
+    """`window` consecutive units of a lane's share of an epoch, its rows shuffled together."""
+
+    position: int  # lane stream position of the block's first row
+    epoch: int
+    units: tuple[Unit, ...]
+    order: np.ndarray  # row k of the block is row order[k] of its units' rows, concatenated in unit order
+
+
+def deal(sizes: Sequence[int], lanes: int, seed: int, epoch: int) -> list[list[int]]:
+    """Units (by index) of each lane in epoch `epoch`: all of them, in a permutation drawn from (seed, epoch),
+    each to the lane with the fewest rows so far (ties: the lowest lane)."""
+    shares: list[list[int]] = [[] for _ in range(lanes)]
+    heap = [(0, lane) for lane in range(lanes)]
+    for u in np.random.default_rng([seed, epoch]).permutation(len(sizes)):
+        rows, lane = heapq.heappop(heap)
+        shares[lane].append(int(u))
+        heapq.heappush(heap, (rows + int(sizes[u]), lane))
+    return shares
+
+
+class LaneOrder:
+    """The endless row stream of one lane (see the module docstring): epoch by epoch, block by block."""
+
+    def __init__(self, units: Sequence[Unit], lanes: int, lane: int, seed: int, window: int):
+        if not 0 <= lane < lanes:
+            raise ValueError(f"lane {lane} outside {lanes} lanes")
+        if window < 1:
+            raise ValueError(f"shuffle window must be >= 1 row group, got {window}")
+        if len(units) < lanes:
+            raise ValueError(f"{len(units)} units for {lanes} lanes: some lane would have no rows")
+        self.units = list(units)
+        self.sizes = [u.num_rows for u in self.units]
+        self.lanes, self.lane, self.seed, self.window = lanes, lane, seed, window
+        self._shares: dict[int, list[int]] = {}
+
+    def share(self, epoch: int) -> list[int]:
+        if epoch not in self._shares:
+            if len(self._shares) > 4:
+                self._shares.clear()
+            self._shares[epoch] = deal(self.sizes, self.lanes, self.seed, epoch)[self.lane]
+        return self._shares[epoch]
+
+    def blocks(self, start: int = 0) -> Iterator[Block]:
+        """The blocks from the one holding stream position `start` on."""
+        epoch, base = 0, 0
+        while base + (n := sum(self.sizes[u] for u in self.share(epoch))) <= start:
+            base += n
+            epoch += 1
+        while True:
+            share = self.share(epoch)
+            for b in range(0, len(share), self.window):
+                units = tuple(self.units[u] for u in share[b:b + self.window])
+                rows = sum(u.num_rows for u in units)
+                if base + rows > start:
+                    order = np.random.default_rng([self.seed, epoch, self.lane, b // self.window]).permutation(rows)
+                    yield Block(base, epoch, units, order)
+                base += rows
+            epoch += 1
+
+
+@dataclass
+class Entry:
+    """One row of a lane's stream, as read: an example to train on, or why there is none."""
+
+    position: int
+    dataset: str
+    shard: str
+    row: int
+    key: str
+    example: Any = None
+    problem: str | None = None  # a decode failure; None without an example: validation quarantined the row
+    record: dict | None = None  # the failing row as stored, for the quarantine file
+    tokens: int | None = None  # set by the packer
+
+
+def read_block(block: Block, start: int, quarantined: dict[str, set], examples_from_rows) -> list[Entry]:
+    """Entries of `block` from stream position `start` on: its units read (one row group read each), the rows
+    decoded in one call (row by row where that fails)."""
+    rows: list[dict] = []
+    where: list[tuple[Unit, int]] = []
+    for u in block.units:
+        with pq.ParquetFile(u.path) as pf:
+            table = pf.read_row_group(u.group, columns=list(u.columns), use_threads=False)
+        rows += table.slice(u.lo, u.num_rows).to_pylist()
+        where += [(u, u.first_row + i) for i in range(u.lo, u.hi)]
+        del table
+    entries, todo = [], []
+    for k in range(max(0, start - block.position), len(block.order)):
+        i = int(block.order[k])
+        u, index = where[i]
+        key = row_key(rows[i])
+        entry = Entry(block.position + k, u.dataset, u.shard, index, key)
+        entries.append(entry)
+        if not _is_quarantined(quarantined[u.dataset], u.shard, index, key):
+            todo.append((entry, rows[i]))
+    for (entry, row), (example, problem) in zip(todo, _decode([r for _, r in todo], examples_from_rows)):
+        entry.example, entry.problem = example, problem
+        if problem is not None:
+            entry.record = _quarantine_record(row, entry.shard, entry.row, entry.key)
+    return entries
+
+
+class LaneBlocks(torch.utils.data.IterableDataset):
+    """A lane's decoded blocks from stream position `start` on, for a torch DataLoader: worker w of n decodes the
+    blocks k with k mod n == w, which the DataLoader returns in order (it asks its workers in turn)."""
+
+    def __init__(self, order: LaneOrder, start: int, quarantined: dict[str, set], examples_from_rows):
+        self.order, self.start = order, start
+        self.quarantined = quarantined
+        self.examples_from_rows = examples_from_rows
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for k, block in enumerate(self.order.blocks(self.start)):
+            if k % workers == worker:
+                # yielded, never bound here: the generator must not keep a decoded block alive past its use
+                yield read_block(block, self.start, self.quarantined, self.examples_from_rows)
+
+
+def _as_is(item):
+    return item  # the default collate_fn would turn the examples' numpy arrays into tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode failures at training time
+
+
+class DecodeLedger:
+    """Rows that fail to decode when training reaches them, per dataset, held against max_quarantine_fraction
+    together with the rows validation quarantined (a dataset's share lost only grows, so the check is exact as
+    soon as the rows are found). A rank finds the failures of the rows it reads; `export` / `merge` pool them."""
+
+    def __init__(self, index: StageIndex, max_fraction: float):
+        self.total = dict(index.rows)
+        self.skipped = {name: len(index.quarantined[name]) for name in index.names}
+        self.max_fraction = max_fraction
+        # dataset -> (shard, row) -> (key, reason, the row as stored with its shard and row)
+        self.failures: dict[str, dict[tuple[str, int], tuple[str, str, dict]]] = {n: {} for n in index.names}
+
+    def add(self, entry: Entry) -> None:
+        found = self.failures[entry.dataset]
+        if (entry.shard, entry.row) in found:
+            return
+        found[(entry.shard, entry.row)] = (entry.key, entry.problem, entry.record)
+        self._check(entry.dataset, newest=(entry.shard, entry.row))
+
+    def _check(self, name: str, newest: tuple[str, int] | None = None) -> None:
+        found = self.failures[name]
+        lost, total, skipped = self.skipped[name] + len(found), self.total[name], self.skipped[name]
+        items = sorted(found.items(), key=lambda kv: kv[0] != newest)  # the row just found first
+        findings = [f"{_where(name, shard, row, key)}: {reason}" for (shard, row), (key, reason, _) in items]
+        if found and lost / total > self.max_fraction:
+            raise _unusable(name, findings, lost, total, skipped, len(found), self.max_fraction)
+        if newest is not None:
+            log.warning("%s; left out (%d of %d rows of dataset %s unusable, within "
+                        "data.quality.max_quarantine_fraction=%g)", findings[0], lost, total, name, self.max_fraction)
+
+    def export(self) -> dict:
+        return {name: dict(found) for name, found in self.failures.items()}
+
+    def merge(self, exported: dict) -> None:
+        """Add failures other ranks found (or an earlier run wrote); DataDecodeError if they cross the line."""
+        for name, found in exported.items():
+            if name in self.failures:
+                for where, value in found.items():
+                    self.failures[name].setdefault(where, value)
+                self._check(name)
+
+    def write(self, directory: str | Path) -> None:
+        """<directory>/<name>.parquet of every dataset: its failing rows (by shard and row), or no file."""
+        for name, found in self.failures.items():
+            records = [(record, reason) for _, (_, reason, record) in sorted(found.items())]
+            write_quarantine(records, None, name, path=Path(directory) / f"{name}.parquet")
+
+    def read(self, directory: str | Path) -> None:
+        """Failures a run of the same stage wrote before it was interrupted (`write`)."""
+        exported = {}
+        for name in self.failures:
+            path = Path(directory) / f"{name}.parquet"
+            if path.exists():
+                exported[name] = {(rec[scone_s2i.SHARD_COLUMN], int(rec[scone_s2i.ROW_COLUMN])):
+                                  (rec["key"], rec["reason"], {k: v for k, v in rec.items() if k != "reason"})
+                                  for rec in pq.read_table(path).to_pylist()}
+        self.merge(exported)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# micro batches
 
 
 @dataclass(frozen=True)
@@ -212,28 +524,138 @@ class Sharding:
 
     @property
     def global_batch(self) -> int:
+        """Samples per step without a token budget."""
         return self.micro_batch * self.grad_accum * self.world_size
 
+    @property
+    def lanes(self) -> int:
+        return self.grad_accum * self.world_size
+
     def chunk(self, micro_step: int) -> int:
-        """Index of this rank's micro batch inside the global batch at `micro_step`."""
+        """The lane of this rank's micro batch at `micro_step` (its index inside the step's micro batches)."""
         return micro_step * self.world_size + self.rank
 
-    def window(self, position: int, micro_step: int) -> tuple[int, int]:
-        """Stream positions (start, count) of this rank's micro batch of the step that starts at `position`."""
-        return position + self.chunk(micro_step) * self.micro_batch, self.micro_batch
+    @property
+    def own_lanes(self) -> list[int]:
+        return [self.chunk(m) for m in range(self.grad_accum)]
+
+
+class _LaneCursor:
+    """A lane's stream in this process: its DataLoader and how far micro batches have taken it."""
+
+    def __init__(self, dataset: LaneBlocks, num_workers: int, ledger: DecodeLedger, patience: int):
+        self.position = dataset.start
+        self.ledger = ledger
+        self.patience = patience
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+        self._blocks = iter(loader)
+        self._pending: deque[Entry] = deque()
+
+    def peek(self) -> Entry:
+        """The next entry with an example (not consumed); failures passed on the way go to the ledger."""
+        passed = 0
+        while True:
+            while not self._pending:
+                self._pending.extend(next(self._blocks))
+            entry = self._pending[0]
+            if entry.example is not None:
+                return entry
+            self._pending.popleft()
+            if entry.problem is not None:
+                self.ledger.add(entry)
+            passed += 1
+            if passed > self.patience:
+                raise ValueError(f"{passed} rows in a row are quarantined or fail to decode (the last: "
+                                 f"{_where(entry.dataset, entry.shard, entry.row, entry.key)}): the stage's "
+                                 "datasets have next to no usable rows")
+
+    def take(self) -> Entry:
+        entry = self.peek()
+        self._pending.popleft()
+        self.position = entry.position + 1
+        return entry
+
+    def close(self) -> None:
+        self._blocks = None  # a multi-process iterator shuts its workers down when it goes
+        self._pending.clear()
 
 
 class StageBatches:
-    """Micro batches of one rank, addressed by stream position: nothing to save but the position."""
+    """This rank's micro batches: lane `sharding.chunk(micro_step)` serves the micro batch of `micro_step`.
 
-    def __init__(self, examples: list, collate: Callable[[list], Any], *, seed: int, sharding: Sharding):
-        self.examples = examples
+    `sample_tokens(example) -> int` with `max_tokens` packs micro batches by token budget; without, each holds
+    `sharding.micro_batch` samples. Micro batches are served in order: call `restore` (if resuming) before the
+    first, then `micro_batch(0 .. grad_accum - 1)` each step."""
+
+    def __init__(self, index: StageIndex, examples_from_rows: Callable[[list[dict]], list],
+                 collate: Callable[[list], Any], *, seed: int, sharding: Sharding, max_tokens: int | None = None,
+                 sample_tokens: Callable[[Any], int] | None = None, window: int = 4, num_workers: int = 0,
+                 max_quarantine_fraction: float = 0.05):
+        if max_tokens is not None and sample_tokens is None:
+            raise ValueError("a token budget (train.max_tokens_per_micro_batch) needs the model family's "
+                             "sample_tokens")
+        self.index = index
+        self.examples_from_rows = examples_from_rows
         self.collate = collate
-        self.order = SampleOrder(len(examples), seed)
         self.sharding = sharding
+        self.max_tokens = max_tokens
+        self.sample_tokens = sample_tokens
+        self.num_workers = num_workers
+        self.ledger = DecodeLedger(index, max_quarantine_fraction)
+        units = index.units(sharding.lanes)
+        self.orders = {lane: LaneOrder(units, sharding.lanes, lane, seed, window) for lane in sharding.own_lanes}
+        self.positions = {lane: 0 for lane in sharding.own_lanes}
+        self.samples = 0  # samples this rank has served since construction
+        self._cursors: dict[int, _LaneCursor] = {}
 
-    def micro_batch_indices(self, position: int, micro_step: int) -> np.ndarray:
-        return self.order.indices(*self.sharding.window(position, micro_step))
+    def restore(self, positions: Sequence[int]) -> None:
+        """Continue from the positions of all lanes (`state()["lanes"]` of every rank, pooled)."""
+        if self._cursors:
+            raise RuntimeError("restore before the first micro batch")
+        if len(positions) != self.sharding.lanes:
+            raise ValueError(f"{len(positions)} lane positions for {self.sharding.lanes} lanes")
+        self.positions = {lane: int(positions[lane]) for lane in self.sharding.own_lanes}
 
-    def micro_batch(self, position: int, micro_step: int):
-        return self.collate([self.examples[i] for i in self.micro_batch_indices(position, micro_step)])
+    def state(self) -> dict:
+        """This rank's lane positions and samples served."""
+        return {"lanes": {lane: self._position(lane) for lane in self.sharding.own_lanes}, "samples": self.samples}
+
+    def _position(self, lane: int) -> int:
+        cursor = self._cursors.get(lane)
+        return cursor.position if cursor is not None else self.positions[lane]
+
+    def _cursor(self, lane: int) -> _LaneCursor:
+        if lane not in self._cursors:
+            dataset = LaneBlocks(self.orders[lane], self.positions[lane], self.index.quarantined,
+                                 self.examples_from_rows)
+            self._cursors[lane] = _LaneCursor(dataset, self.num_workers, self.ledger, self.index.total_rows)
+        return self._cursors[lane]
+
+    def take(self, micro_step: int) -> list[Entry]:
+        """The entries of this rank's next micro batch at `micro_step`."""
+        cursor = self._cursor(self.sharding.chunk(micro_step))
+        if self.max_tokens is None:
+            out = [cursor.take() for _ in range(self.sharding.micro_batch)]
+        else:
+            out, used = [], 0
+            while True:
+                entry = cursor.peek()
+                if entry.tokens is None:
+                    entry.tokens = int(self.sample_tokens(entry.example))
+                if entry.tokens > self.max_tokens:
+                    raise ValueError(f"{_where(entry.dataset, entry.shard, entry.row, entry.key)} takes "
+                                     f"{entry.tokens} tokens, more than train.max_tokens_per_micro_batch="
+                                     f"{self.max_tokens}: raise the budget, or leave the sample out of the data")
+                if used + entry.tokens > self.max_tokens:
+                    break
+                out.append(cursor.take())
+                used += entry.tokens
+        self.samples += len(out)
+        return out
+
+    def micro_batch(self, micro_step: int):
+        return self.collate([e.example for e in self.take(micro_step)])
+
+    def close(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.close()

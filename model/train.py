@@ -2,14 +2,18 @@
 
 `train_stage` runs on every rank of a torchrun world (or alone, in-process). It writes into `out_dir`:
 
-- the final Hugging Face checkpoint at `out_dir` itself (`model.safetensors`, `config.json`, tokenizer files),
-  so `SconeModel.from_pretrained(out_dir)` loads the stage's result;
+- the final checkpoint at `out_dir` itself, in the family's layout (the Scone model: `model.safetensors`,
+  `config.json`, tokenizer files; BAGEL: a release directory, its weights sharded above train.max_shard_bytes).
+  It is written by `save_final_weights`: under ZeRO-3 the weights are gathered one layer-sized group at a time
+  and streamed into the files, so no rank ever holds the whole model;
 - `metrics.jsonl`: one JSON object per logged step (rank 0): step, loss, fm_loss, und_loss (means over the
   global batch), lr, grad_norm (before clipping), samples_per_s, wall_s, samples_seen;
 - `train_summary.json`: written last, it marks the stage finished (a re-run then returns it unchanged);
-- `ds_state/`: resumable DeepSpeed state every `train.save_every` steps, with the step and the data-stream
-  position as client state. A killed run re-run with the same arguments continues from there, with the
-  same data order and the same per-step noise, so it ends on the weights of an uninterrupted run;
+- `ds_state/`: resumable DeepSpeed state every `train.save_every` steps, with the step and the position of every
+  data lane (model.data_loader) as client state. A killed run re-run with the same arguments continues from
+  there, with the same micro batches and the same per-step noise, so it ends on the weights of an uninterrupted run;
+- `quarantine/<dataset>.parquet`: rows that failed to decode when training reached them (left out while within
+  data.quality.max_quarantine_fraction), pooled from all ranks at every save and at the end;
 - `run_settings.json`: what the run depends on (configs, world size, the data files' contents, the init
   checkpoint's weights, the model code); resuming or re-running with other settings raises `RunSettingsMismatch`.
 
@@ -62,6 +66,12 @@ class ModelFamily:
     tokenizer: Callable[[Path | None], Any]  # tokenizer saved in a checkpoint dir, or a fresh one (None)
     examples_from_rows: Callable[[list[dict]], list]
     collate: Callable[[list, Any, ModelConfig], dict]
+    # (example, tokenizer, model config) -> its tokens in the packed sequence; train.max_tokens_per_micro_batch
+    # needs it
+    sample_tokens: Callable[[Any, Any, ModelConfig], int] | None = None
+    # (checkpoint dir, DeepSpeed config) -> model whose weights are already ZeRO-3 partitions (deepspeed.zero.Init),
+    # so no rank ever holds the whole model; families without it load whole and DeepSpeed partitions afterwards
+    load_zero3: Callable[[Path, dict], nn.Module] | None = None
 
 
 def _scone_build(cfg: ModelConfig, tokenizer) -> nn.Module:
@@ -176,7 +186,12 @@ def weights_digest(checkpoint: Path, prefix_bytes: int = 64 << 20) -> str:
 def run_settings(stage_name: str, stage: StageConfig, train: TrainConfig, model_cfg: ModelConfig,
                  data_root: str | Path, init_checkpoint: str | Path | None, world_size: int, family: str) -> dict:
     """Everything the stage's result depends on (not: logging and checkpoint intervals)."""
-    t = train.model_dump(mode="json", exclude={"stages", "num_ranks", "log_every", "save_every"})
+    # not: how the weights are computed or laid out on disk (recomputation, file sizes) or where the machines are
+    # (world_size below is what the result depends on); a run may resume with other values of these
+    t = train.model_dump(mode="json", exclude={"stages", "num_ranks", "log_every", "save_every",
+                                               "activation_checkpointing", "max_shard_bytes",
+                                               "zero3_persistence_threshold", "nodes", "node_rank", "rdzv_endpoint",
+                                               "num_workers"})  # batches are the same for any num_workers
     # contents, not sizes: a same-size corruption or rebuild must not resume a run made on other data
     data = {name: file_digest(data_loader.dataset_files(data_root, name)) for name in stage.datasets}
     return {
@@ -240,12 +255,11 @@ def _to_device(batch: dict, device, dtype: torch.dtype) -> dict:
 class MetricsLog:
     """metrics.jsonl of rank 0: one row per logged step, the throughput measured since the previous row."""
 
-    def __init__(self, path: Path, *, start_step: int, wall_before: float, global_batch: int, write: bool):
+    def __init__(self, path: Path, *, start_step: int, wall_before: float, samples_before: int, write: bool):
         self.path, self.write = path, write
-        self.global_batch = global_batch
         self.wall_before = wall_before
         self.t0 = self.t_prev = time.perf_counter()
-        self.step_prev = start_step
+        self.samples_prev = samples_before  # packed micro batches hold varying sample counts: count, not multiply
         self.last: dict = {}
         if write and path.exists():  # rows after the resumed state are about to be recomputed
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
@@ -263,11 +277,11 @@ class MetricsLog:
             "und_loss": float(losses[2]),
             "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
-            "samples_per_s": (step - self.step_prev) * self.global_batch / max(now - self.t_prev, 1e-9),
+            "samples_per_s": (samples_seen - self.samples_prev) / max(now - self.t_prev, 1e-9),
             "wall_s": self.wall_s(),
             "samples_seen": samples_seen,
         }
-        self.t_prev, self.step_prev = now, step
+        self.t_prev, self.samples_prev = now, samples_seen
         if self.write:
             with self.path.open("a") as f:
                 f.write(json.dumps(self.last) + "\n")
@@ -287,22 +301,134 @@ def _save_state(eng, state_dir: Path, step: int, client_state: dict, rank: int) 
     dist.barrier()
 
 
-def _final_weights(model: nn.Module, zero_stage: int, rank: int) -> tuple[dict[str, torch.Tensor] | None, float]:
-    """(full fp32 state dict on rank 0, else None; this rank's checksum of the full weights).
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Turn on per-layer recomputation (train.activation_checkpointing) in every module of `model` that offers it
+    (a class attribute `activation_checkpointing`: BAGEL's language model and ViT); returns how many. A model
+    with none is refused: the setting would otherwise change nothing without a word."""
+    found = [m for m in model.modules() if isinstance(getattr(type(m), "activation_checkpointing", None), bool)]
+    if not found:
+        raise ValueError(f"train.activation_checkpointing: {type(model).__name__} has no module that supports it "
+                         "(the BAGEL family has); set it to false")
+    for m in found:
+        m.activation_checkpointing = True
+    return len(found)
 
-    ZeRO-3 holds one shard per rank: the weights are gathered for the copy. The checksums let the caller see
-    that every rank ended on the same weights."""
+
+def _numel(p: nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned weight is empty outside a gather
+
+
+def weight_groups(model: nn.Module) -> list[list[tuple[str, torch.Tensor]]]:
+    """Every state-dict entry of `model` (parameters and persistent buffers, under state-dict keys) in groups that
+    are held whole one at a time when saving: each element of an nn.ModuleList (a decoder layer, a ViT layer, an
+    autoencoder block) is a group, and so is each other module that holds no ModuleList; a module with ModuleLists
+    below it contributes its own direct entries as one group and is split along its children."""
+    def own(module: nn.Module, prefix: str) -> list[tuple[str, torch.Tensor]]:
+        out = [(prefix + n, p) for n, p in module._parameters.items() if p is not None]
+        return out + [(prefix + n, b) for n, b in module._buffers.items()
+                      if b is not None and n not in module._non_persistent_buffers_set]
+
+    groups: list[list[tuple[str, torch.Tensor]]] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        if not any(isinstance(m, nn.ModuleList) for m in module.modules()):
+            entries = [e for name, m in module.named_modules(remove_duplicate=False)
+                       for e in own(m, f"{prefix}{name}." if name else prefix)]
+            if entries:
+                groups.append(entries)
+            return
+        if own(module, prefix):
+            groups.append(own(module, prefix))
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
+    return groups
+
+
+def gather_weights(model: nn.Module, zero_stage: int, sink: Callable[[str, torch.Tensor], None] | None) -> float:
+    """Hand each state-dict entry of `model`, whole, to `sink(key, tensor)` (None: this rank only takes part in
+    the gathering), one `weight_groups` group at a time; returns this rank's checksum of the parameters.
+
+    Under ZeRO-3 each group is gathered (a collective: every rank calls this) and re-partitioned before the next,
+    so the full weights never exist at once on any rank; `sink` must copy what it keeps before it returns. Under
+    ZeRO 0-2 every rank holds the whole model and nothing is gathered. Equal checksums on all ranks show that
+    they ended on the same weights."""
     import contextlib
 
     import deepspeed
 
-    params = list(model.parameters())
-    gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3
-                else contextlib.nullcontext())
-    with gathered:
-        checksum = float(sum(p.detach().double().sum() for p in params))
-        state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()} if rank == 0 else None
-    return state, checksum
+    groups = weight_groups(model)
+    keys = [k for g in groups for k, _ in g]
+    if sorted(keys) != sorted(model.state_dict().keys()):  # the grouping must be the state dict, entry for entry
+        raise RuntimeError(f"weight groups of {type(model).__name__} differ from its state dict")
+    checksum = None
+    for group in groups:
+        partitioned = [t for _, t in group if hasattr(t, "ds_id")] if zero_stage == 3 else []
+        gathered = (deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if partitioned
+                    else contextlib.nullcontext())
+        with gathered:
+            for key, tensor in group:
+                if isinstance(tensor, nn.Parameter):
+                    part = tensor.detach().double().sum()
+                    checksum = part if checksum is None else checksum + part.to(checksum.device)
+                if sink is not None:
+                    sink(key, tensor.detach())
+    return 0.0 if checksum is None else float(checksum)
+
+
+def _final_weights(model: nn.Module, zero_stage: int, rank: int) -> tuple[dict[str, torch.Tensor] | None, float]:
+    """(full fp32 state dict on rank 0, else None; this rank's checksum of the full weights), for savers that
+    need the whole state dict at once (families without a `weights_writer`, SRUM rounds)."""
+    state: dict[str, torch.Tensor] | None = {} if rank == 0 else None
+    sink = None if state is None else (lambda k, v: state.__setitem__(k, v.to("cpu", torch.float32, copy=True)))
+    return state, gather_weights(model, zero_stage, sink)
+
+
+def save_final_weights(model: nn.Module, out_dir: Path, zero_stage: int, rank: int,
+                       max_shard_bytes: int | None = None) -> float:
+    """Write the trained weights into out_dir (rank 0) and return this rank's checksum; every rank calls it.
+
+    A family whose model has `weights_writer(out_dir, max_shard_bytes)` (BAGEL) gets them streamed group by group
+    (`gather_weights`) into a writer that casts each to the checkpoint's dtype and writes shards as they fill:
+    rank 0 holds about one group plus one shard, never the whole model. Others get the whole fp32 state dict
+    through `save_pretrained(out_dir, state_dict=...)`."""
+    if rank == 0:  # no summary yet, so any weights here are an interrupted save's: a release is never written over
+        for stale in [*out_dir.glob("*.safetensors"), *out_dir.glob("*.safetensors.index.json"),
+                      *out_dir.glob(".*.partial")]:
+            stale.unlink()
+    open_writer = getattr(model, "weights_writer", None)
+    if open_writer is None:
+        state, checksum = _final_weights(model, zero_stage, rank)
+        if rank == 0:
+            model.save_pretrained(out_dir, state_dict=state)
+        return checksum
+    writer = open_writer(out_dir, max_shard_bytes=max_shard_bytes) if rank == 0 else None
+    try:
+        checksum = gather_weights(model, zero_stage, None if writer is None else writer.add)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
+    return checksum
+
+
+def _pool_data(batches: data_loader.StageBatches, quarantine_dir: Path, rank: int, samples_before: int) -> dict:
+    """The data loader's part of the client state, pooled over the ranks (a collective: every rank calls it):
+    every lane's position and the samples served. Rows that failed to decode on any rank are pooled too (each
+    rank checks the pooled count against max_quarantine_fraction) and rank 0 writes them to quarantine_dir."""
+    states = _all_gather({**batches.state(), "failures": batches.ledger.export()})
+    lanes = [0] * batches.sharding.lanes
+    for state in states:
+        for lane, position in state["lanes"].items():
+            lanes[lane] = position
+        batches.ledger.merge(state["failures"])
+    if rank == 0:
+        batches.ledger.write(quarantine_dir)
+    return {"data_lanes": lanes, "samples_seen": samples_before + sum(state["samples"] for state in states)}
 
 
 def _all_gather(value) -> list:
@@ -359,21 +485,39 @@ def train_stage(
 
     torch.manual_seed(train.seed)  # identical fresh weights on every rank
     tokenizer = family.tokenizer(init_checkpoint)
-    model = family.load(init_checkpoint) if init_checkpoint else family.build(model_cfg, tokenizer)
+    if init_checkpoint and train.zero_stage == 3 and family.load_zero3 is not None:
+        model = family.load_zero3(init_checkpoint, ds_engine.deepspeed_config(train, world_size=world,
+                                                                              precision=precision))
+    else:
+        model = family.load(init_checkpoint) if init_checkpoint else family.build(model_cfg, tokenizer)
     follow_params = getattr(getattr(model, "config", None), "with_runtime_settings", None)
     if init_checkpoint and follow_params is not None:  # families without the hook keep their saved config
         model.config = follow_params(model_cfg)
     trainable = apply_freezing(model, stage)
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in model.parameters())
+    if train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    n_trainable = sum(_numel(p) for p in trainable)
+    n_total = sum(_numel(p) for p in model.parameters())
+    sample_tokens = None
+    if train.max_tokens_per_micro_batch is not None:
+        if family.sample_tokens is None:
+            raise ValueError(f"train.max_tokens_per_micro_batch: model family {model_family} does not count a "
+                             "sample's tokens (no sample_tokens); set it to null")
+        sample_tokens = lambda example: family.sample_tokens(example, tokenizer, model_cfg)  # noqa: E731
+    # each rank streams the row groups of its own lanes (model.data_loader); rows that fail to decode are left out
+    # below data.quality.max_quarantine_fraction and pooled into out_dir/quarantine by rank 0 (_pool_data)
+    quarantine_dir = out_dir / "quarantine"
     batches = data_loader.StageBatches(
-        # rows that fail to decode are left out below data.quality.max_quarantine_fraction; rank 0 records them
-        data_loader.load_examples(data_root, stage.datasets, family.examples_from_rows,
-                                  max_quarantine_fraction=max_quarantine_fraction,
-                                  quarantine_dir=out_dir / "quarantine" if rank == 0 else None),
+        data_loader.StageIndex(data_root, stage.datasets),
+        family.examples_from_rows,
         lambda examples: family.collate(examples, tokenizer, model_cfg),
         seed=train.seed,
         sharding=sharding,
+        max_tokens=train.max_tokens_per_micro_batch,
+        sample_tokens=sample_tokens,
+        window=train.shuffle_window,
+        num_workers=train.num_workers,
+        max_quarantine_fraction=max_quarantine_fraction,
     )
 
     t_engine = time.perf_counter()
@@ -390,11 +534,14 @@ def train_stage(
         client = client or {}
     engine_init_s = time.perf_counter() - t_engine
     step = resumed_from = int(client.get("step", 0))
-    position = int(client.get("data_position", 0))
+    samples_before = samples_seen = int(client.get("samples_seen", 0))
+    if step:
+        batches.restore(client["data_lanes"])
+        batches.ledger.read(quarantine_dir)  # decode failures found before the interruption still count
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     log = MetricsLog(out_dir / METRICS, start_step=step, wall_before=float(client.get("train_wall_s", 0.0)),
-                     global_batch=sharding.global_batch, write=rank == 0)
+                     samples_before=samples_before, write=rank == 0)
     from model.live_metrics import open_live_metrics
 
     live = open_live_metrics(live_metrics) if rank == 0 else None  # {"tracking_uri", "run_id"} or None
@@ -408,17 +555,20 @@ def train_stage(
                 seed = noise_seed(train.seed, step, sharding.chunk(micro))
                 torch.manual_seed(seed)  # covers any randomness the model draws outside the generator
                 gen = torch.Generator(device=eng.device).manual_seed(seed)
-                out = eng(_to_device(batches.micro_batch(position, micro), eng.device, dtype), generator=gen)
+                out = eng(_to_device(batches.micro_batch(micro), eng.device, dtype), generator=gen)
                 eng.backward(out["loss"])
                 eng.step()
                 losses += torch.stack([out[k].detach().double() for k in ("loss", "fm_loss", "und_loss")])
             step += 1
-            position += sharding.global_batch
             bar.update(1)
             if step % train.log_every == 0 or step == stage.steps:
-                dist.all_reduce(losses)
-                row = log.log(step, losses.cpu() / (train.grad_accum * world), lr, eng.get_global_grad_norm(),
-                              position)
+                # with the samples every rank has served: a packed step's sample count is known only by summing
+                totals = torch.cat([losses, torch.tensor([float(batches.samples)], dtype=torch.float64,
+                                                         device=eng.device)])
+                dist.all_reduce(totals)
+                samples_seen = samples_before + int(totals[3])
+                row = log.log(step, totals[:3].cpu() / (train.grad_accum * world), lr, eng.get_global_grad_norm(),
+                              samples_seen)
                 if live is not None:
                     live(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -426,15 +576,15 @@ def train_stage(
                     print(f"{stage_name}: step {step}/{stage.steps} loss {row['loss']:.4f} "
                           f"({row['samples_per_s']:.1f} samples/s)", flush=True)
             if step % train.save_every == 0 and step < stage.steps:
-                _save_state(eng, state_dir, step,
-                            {"step": step, "data_position": position, "train_wall_s": log.wall_s()}, rank)
+                data = _pool_data(batches, quarantine_dir, rank, samples_before)
+                _save_state(eng, state_dir, step, {"step": step, **data, "train_wall_s": log.wall_s()}, rank)
         loop_s = time.perf_counter() - log.t0
+        samples_seen = _pool_data(batches, quarantine_dir, rank, samples_before)["samples_seen"]
         bar.close()
 
-        state, checksum = _final_weights(eng.module.model, train.zero_stage, rank)
+        checksum = save_final_weights(eng.module.model, out_dir, train.zero_stage, rank, train.max_shard_bytes)
         checksums = _all_gather(checksum)
         if rank == 0:
-            model.save_pretrained(out_dir, state_dict=state)
             tokenizer.save_pretrained(out_dir)
         steps_run = step - resumed_from
         summary = {
@@ -445,16 +595,18 @@ def train_stage(
             "final_loss": log.last.get("loss"),
             "final_fm_loss": log.last.get("fm_loss"),
             "final_und_loss": log.last.get("und_loss"),
-            "samples_per_s": steps_run * sharding.global_batch / loop_s if steps_run else None,
-            "samples_seen": position,
+            "samples_per_s": (samples_seen - samples_before) / loop_s if steps_run else None,
+            "samples_seen": samples_seen,
             "wall_s": log.wall_before + loop_s,
             "total_s": time.perf_counter() - t_start,
             "setup_s": setup_s,
             "engine_init_s": engine_init_s,
             "num_ranks": world,
-            "global_batch": sharding.global_batch,
+            "global_batch": sharding.global_batch if train.max_tokens_per_micro_batch is None else None,
+            "max_tokens_per_micro_batch": train.max_tokens_per_micro_batch,
             "zero_stage": train.zero_stage,
             "precision": precision,
+            "activation_checkpointing": train.activation_checkpointing,
             "trainable_params": n_trainable,
             "total_params": n_total,
             "rank_weight_checksums": checksums,
@@ -466,6 +618,7 @@ def train_stage(
         dist.barrier()
         return summary
     finally:
+        batches.close()  # stops the loader's worker processes
         bar.close()
         if live is not None:
             live.close()

@@ -9,6 +9,9 @@ From a release directory to a release directory:
 - `save_pretrained(out_dir, state_dict=...)` writes a release directory (llm/vit configs, [ae_params.json], the
   tokenizer files copied from the source release, `ema.safetensors` (or the source's weights name) and
   `ae.safetensors`), in the dtype the source release stored its weights in, plus the `config.json` marker below.
+  `weights_writer(out_dir, max_shard_bytes)` is the same written tensor by tensor (model/train.py streams the
+  gathered weights into it; shards + index above max_shard_bytes). `load_zero3(path, ds_config)`: `load` for
+  ZeRO-3, straight into each rank's partitions (deepspeed.zero.Init).
 - `tokenizer(path)`: the release's Qwen2 tokenizer (with BAGEL's four markers) as a `BagelTokenizer`, which also
   carries the release's BagelConfig so `collate` knows the patch sizes. `path=None` (training from scratch) is not
   supported: there is no Qwen2 vocabulary to build one from.
@@ -76,8 +79,8 @@ from model.bagel.model import AE_PREFIX, BagelModel
 from model.bagel.packing import PackedSample
 from model.bagel.qwen2_mot import GEN_SUFFIX
 from model.bagel.release import FAMILY_SPEC, MARKER, mark_release  # noqa: F401  (family API)
-from model.bagel.release import (TOKENIZER_FILES, WEIGHT_NAMES, _shapes, find_weights, load_release,
-                                 load_tokenizer, save_release)
+from model.bagel.release import (TOKENIZER_FILES, WEIGHT_NAMES, ReleaseWriter, _shapes, find_weights,
+                                 load_release, load_release_partitioned, load_tokenizer)
 from model.config import BridgeConfig
 from model.train import EXPERTS, ModelFamily
 
@@ -348,24 +351,68 @@ class BagelForTraining(nn.Module):
             raise ValueError(f"state dict keys must start with {PREFIX!r} (a BagelForTraining state dict)")
         return {k[len(PREFIX):]: v for k, v in state.items()}
 
-    def save_pretrained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write a release directory (see the module docstring) from `state_dict` (train.py's gathered full
-        weights) or from this model's own weights."""
-        state = self.bagel_state_dict(state_dict)
-        state = {k: v.detach().to("cpu", self.save_dtype if v.is_floating_point() else v.dtype)
-                 for k, v in state.items()}
-        with torch.device("meta"):
-            shell = BagelModel(self.config, self.bagel.special)
-        shell.load_state_dict(state, strict=True, assign=True)
-        out_dir = Path(out_dir)
-        save_release(shell, out_dir, weights_name=self.weights_name, tokenizer_from=self.tokenizer_dir)
-        mark_release(out_dir)
-        return out_dir
+    def save_pretrained(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        max_shard_bytes: int | None = None) -> Path:
+        """Write a release directory (see the module docstring) from `state_dict` (full weights under this
+        wrapper's names) or from this model's own weights."""
+        state = state_dict if state_dict is not None else self.state_dict()
+        with self.weights_writer(out_dir, max_shard_bytes) as writer:
+            for key, tensor in state.items():
+                writer.add(key, tensor)
+        return Path(out_dir)
+
+    def weights_writer(self, out_dir: str | Path, max_shard_bytes: int | None = None) -> "TrainingReleaseWriter":
+        """A release directory written as weights arrive (model/train.py gathers ZeRO-3 weights group by group
+        and hands each tensor over): see `TrainingReleaseWriter`."""
+        writer = ReleaseWriter(Path(out_dir), self.config, self.bagel.special, weights_name=self.weights_name,
+                               max_shard_bytes=max_shard_bytes, tokenizer_from=self.tokenizer_dir)
+        return TrainingReleaseWriter(writer, self.save_dtype)
+
+
+class TrainingReleaseWriter:
+    """`ReleaseWriter` under BagelForTraining's parameter names (PREFIX + release key). Floating tensors are cast
+    to the release's stored dtype on a host copy made at once, so the caller may free or reuse what it passed
+    (ZeRO-3 re-partitions a gathered weight as soon as its group is done); `close` also adds the marker."""
+
+    def __init__(self, writer: ReleaseWriter, dtype: torch.dtype):
+        self.writer = writer
+        self.dtype = dtype
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if not key.startswith(PREFIX):
+            raise ValueError(f"{key!r}: keys must start with {PREFIX!r} (a BagelForTraining state dict)")
+        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+        self.writer.add(key[len(PREFIX):], tensor.detach().to("cpu", dtype, copy=True))
+
+    def close(self) -> Path:
+        out = self.writer.close()
+        mark_release(out)
+        return out
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def __enter__(self) -> "TrainingReleaseWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def load(path: Path) -> BagelForTraining:
     path = Path(path)
     release = load_release(path, device="cpu", dtype=torch.float32)
+    return BagelForTraining(release.model, path, release.weights.name, _stored_dtype(path))
+
+
+def load_zero3(path: Path, ds_config: dict) -> BagelForTraining:
+    """`load` for a ZeRO-3 engine with `ds_config`: the weights go straight into each rank's partitions
+    (model.bagel.release.load_release_partitioned), the full model never materialises on any rank."""
+    path = Path(path)
+    release = load_release_partitioned(path, ds_config)
     return BagelForTraining(release.model, path, release.weights.name, _stored_dtype(path))
 
 
@@ -433,5 +480,22 @@ def collate(examples: list, tok: BagelTokenizer, model_cfg) -> dict:
     }
 
 
+def sample_tokens(example, tok: BagelTokenizer, model_cfg) -> int:
+    """Tokens `example` takes in the packed sequence `collate` + `packed_forward` build, guidance dropout aside
+    (it only removes tokens, so this is the most a sample takes): per reference (up to max_references) its
+    latent tokens and its ViT tokens, each between two markers; the framed instruction; the target's latent
+    tokens between two markers; and with a question, the understanding sample (the target's framed ViT tokens,
+    the framed question, the framed answer)."""
+    cfg = tok.config
+    side = image_side(cfg, model_cfg.image_size)
+    vit = (side // cfg.vit.patch_size) ** 2 + 2
+    latent = (side // cfg.latent_downsample) ** 2 + 2
+    refs = min(len(example.refs), model_cfg.max_references)
+    n = refs * (latent + vit) + len(tok.encode(example.instruction)) + 2 + latent
+    for question, answer in example.qa[:1]:
+        n += vit + len(tok.encode(question)) + 2 + len(tok.encode(answer)) + 2
+    return n
+
+
 BAGEL = ModelFamily(build=build, load=load, tokenizer=tokenizer, examples_from_rows=examples_from_rows,
-                    collate=collate)
+                    collate=collate, sample_tokens=sample_tokens, load_zero3=load_zero3)

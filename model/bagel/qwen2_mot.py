@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.bagel.config import Qwen2Config
 
@@ -215,7 +216,14 @@ class Qwen2MoTModel(nn.Module):
 
 
 class Qwen2MoTForCausalLM(nn.Module):
-    """`language_model.*` of the release: the MoT decoder (`model`) and an untied `lm_head`."""
+    """`language_model.*` of the release: the MoT decoder (`model`) and an untied `lm_head`.
+
+    `activation_checkpointing` (off by default; the stage trainer's train.activation_checkpointing turns it on): in
+    a forward that builds a graph, each decoder layer keeps only its input and runs again in backward (torch's
+    non-reentrant checkpoint), so activation memory is one layer's plus the residual stream per layer.
+    """
+
+    activation_checkpointing: bool = False
 
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -237,11 +245,17 @@ class Qwen2MoTForCausalLM(nn.Module):
         routing = Routing(gen_mask)
         rope = self.model.rotary_emb(position_ids)
         kept: list[list[LayerKV]] | None = [] if keep else None
+        # A recomputed layer would append its cache a second time, and without a graph there is nothing to save.
+        recompute = self.activation_checkpointing and not keep and torch.is_grad_enabled()
         for n, layer in enumerate(self.model.layers):
             layer_keep: list[LayerKV] | None = [] if keep else None
             layer_masks, soft = (masks, None) if bridge is None else bridge.before_layer(n, masks)
-            x = layer(x, routing, rope, layer_masks, sample_lens, None if past is None else past[n], layer_keep,
-                      soft)
+            layer_past = None if past is None else past[n]
+            if recompute:
+                x = checkpoint(layer, x, routing, rope, layer_masks, sample_lens, layer_past, None, soft,
+                               use_reentrant=False)
+            else:
+                x = layer(x, routing, rope, layer_masks, sample_lens, layer_past, layer_keep, soft)
             if bridge is not None:
                 bridge.after_layer(n, x)
             if keep:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.bagel.config import SiglipConfig
 
@@ -112,7 +113,13 @@ class SiglipVisionTransformer(nn.Module):
 
 
 class SiglipVisionModel(nn.Module):
-    """`vit_model.*` of the release."""
+    """`vit_model.*` of the release.
+
+    `activation_checkpointing`: as the language model's, per encoder layer. It only saves memory when the ViT is
+    trained (frozen weights on inputs that need no gradient build no graph to recompute).
+    """
+
+    activation_checkpointing: bool = False
 
     def __init__(self, cfg: SiglipConfig):
         super().__init__()
@@ -123,8 +130,11 @@ class SiglipVisionModel(nn.Module):
         """patches: (sum(lens), p*p*3) packed; position_ids index the learned table (row * max_side + col)."""
         vm = self.vision_model
         x = vm.embeddings(patches, position_ids)
+        # a frozen ViT on pixels builds no graph: nothing to save, so no per-layer checkpoint bookkeeping either
+        recompute = (self.activation_checkpointing and torch.is_grad_enabled()
+                     and (patches.requires_grad or any(p.requires_grad for p in self.parameters())))
         for layer in vm.encoder.layers:
-            x = layer(x, lens)
+            x = checkpoint(layer, x, lens, use_reentrant=False) if recompute else layer(x, lens)
         return vm.post_layernorm(x)
 
 
