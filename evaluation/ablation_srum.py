@@ -26,6 +26,7 @@ self-reward can teach. Each seed's judgments are kept as `seed<k>/rewards_<judge
 from __future__ import annotations
 
 import json
+import numbers
 import statistics
 import time
 from pathlib import Path
@@ -57,23 +58,26 @@ PAPER_VARIANTS = ("sft", "srum", "sample_level", "binarised", "no_constraint", "
 # ------------------------------------------------------------------------------------------ reward variants
 
 
-def variant_map(variant: str, vlm_rewards: Sequence[dict], width: int, height: int, grid: int) -> np.ndarray:
-    """The [grid, grid] loss-weight map a variant trains with, from one candidate's judgments."""
+def variant_map(variant: str, vlm_rewards: Sequence[dict], width: int, height: int,
+                grid: int | tuple[int, int]) -> np.ndarray:
+    """The loss-weight map on the latent grid (rows, cols; an int: square) a variant trains with, from one
+    candidate's judgments."""
     from data.formats.srum_rewards import GLOBAL_OBJECT
     from model.reward_map import reward_map, to_latent_grid
 
+    shape = (int(grid), int(grid)) if isinstance(grid, numbers.Integral) else (int(grid[0]), int(grid[1]))
     if variant == "sft":
-        return np.ones((grid, grid), dtype=np.float32)
+        return np.ones(shape, dtype=np.float32)
     if variant == "reference_only":
-        return np.zeros((grid, grid), dtype=np.float32)
+        return np.zeros(shape, dtype=np.float32)
     if variant == "no_global":  # kept as an entry of score 0, so the map builder does not warn about a missing one
         vlm_rewards = [{**e, "score": 0.0} if isinstance(e, dict) and e.get("object") == GLOBAL_OBJECT else e
                        for e in vlm_rewards]
-    full = to_latent_grid(reward_map(vlm_rewards, width, height), grid).astype(np.float32)
+    full = to_latent_grid(reward_map(vlm_rewards, width, height), shape).astype(np.float32)
     if variant in ("srum", "no_constraint", "no_global", *JUDGE_CONTROLS):
         return full
     if variant == "sample_level":
-        return np.full((grid, grid), float(full.mean()), dtype=np.float32)
+        return np.full(shape, float(full.mean()), dtype=np.float32)
     if variant == "binarised":
         return (full >= NEUTRAL).astype(np.float32)
     raise ValueError(f"unknown SRUM ablation variant {variant!r}; expected one of {sorted(VARIANTS)}")
@@ -96,12 +100,15 @@ def found_rate(t2i: dict) -> float:
     return float(np.mean(found)) if found else 0.0
 
 
-def score_checkpoint(ckpt: Path, prompt_sets: dict[str, list], sampling, bridge: bool, seeds: Sequence[int]) -> dict:
-    """T2I accuracy per prompt set, averaged over `seeds` (one image per prompt and seed)."""
+def score_checkpoint(ckpt: Path, prompt_sets: dict[str, list], sampling, bridge: bool, seeds: Sequence[int],
+                     settings: dict | None = None, pipeline=None) -> dict:
+    """T2I accuracy per prompt set, averaged over `seeds` (one image per prompt and seed). `settings`: the
+    pipeline settings (model.pipeline.pipeline_settings) a release does not store, the bridge's among them;
+    `pipeline`: `ckpt` already loaded with them."""
     from evaluation.runner import generate_fn_from_checkpoint
     from evaluation.t2i import evaluate_t2i
 
-    generate_fn = generate_fn_from_checkpoint(ckpt, sampling, bridge)
+    generate_fn = generate_fn_from_checkpoint(ckpt, sampling, bridge, settings, pipeline=pipeline)
     out = {}
     for name, rows in prompt_sets.items():
         runs = [evaluate_t2i(generate_fn, rows, seed=s) for s in seeds]
@@ -192,10 +199,12 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
     from data.formats.srum_prompts import read_prompts
     from data.formats.srum_rewards import write_rewards
     from data.render import render_array
-    from evaluation.srum import candidate_seed, judge_candidates, make_reward_judge, sample_candidates
+    from evaluation.srum import candidate_seed, generate_candidates, judge_candidates, make_reward_judge
+    from evaluation.srum import pipeline_settings
     from evaluation.t2i import row_target
-    from model.modeling import load_checkpoint
+    from model.pipeline import is_release_dir, load_pipeline
     from model.srum_train import SrumCandidate, train_srum_round
+    from tasks.paths import Paths  # the chain's path map; this bench runs only from `scone bench`
 
     variants = tuple(variants or default_variants(params.srum.judge))
     unknown = [v for v in variants if v not in VARIANTS]
@@ -204,11 +213,11 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
     t0 = time.perf_counter()
     srum_cfg, sampling = params.srum, params.eval.sampling
     work = Path(out).with_suffix("")  # artifacts/bench/srum-ablation/
-    init = Path(params.pipeline.artifacts) / "checkpoints" / srum_cfg.init_from
-    if not (init / "model.safetensors").exists():
+    init = Paths.from_params(params).checkpoint(srum_cfg.init_from)
+    if not is_release_dir(init):
         raise FileNotFoundError(
-            f"{init} not found: the ablation starts from srum.init_from ({srum_cfg.init_from}); run `scone pipeline` "
-            f"(or `scone train --stage {srum_cfg.init_from}`) first")
+            f"{init} holds no checkpoint: the ablation starts from srum.init_from ({srum_cfg.init_from}); run "
+            f"`scone pipeline` (or `scone train --stage {srum_cfg.init_from}`) first")
     prompts = read_prompts(Path(params.data.root) / "srum_prompts" / "prompts.jsonl")
     prompt_sets = {"train_prompts": prompts, "heldout_prompts": heldout_prompts(params.data, heldout_per_category)}
     eval_seeds = [params.eval.seed + i for i in range(eval_samples)]
@@ -216,22 +225,23 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
 
     steps = len(seeds) * len(variants) + 1
     bar = tqdm(total=steps, desc="srum-ablation", unit="run")
-    init_scores = score_checkpoint(init, prompt_sets, sampling, bridge, eval_seeds)
+    settings = pipeline_settings(srum_cfg, params.model)
+    pipeline = load_pipeline(init, settings)
+    init_scores = score_checkpoint(init, prompt_sets, sampling, bridge, eval_seeds, settings, pipeline)
     bar.update(1)
 
-    model, tokenizer = load_checkpoint(init)
-    grid = model.latent_grid
-    judge = make_reward_judge(srum_cfg.judge, model=model, tokenizer=tokenizer, openai_cfg=params.eval.openai)
+    grid = pipeline.latent_grid
+    judge = make_reward_judge(srum_cfg.judge, pipeline=pipeline, openai_cfg=params.eval.openai)
     judges = {judge.name: judge}
     for name in ("self", "oracle"):  # the controls' judges, and both sides of the agreement figure
-        judges.setdefault(name, make_reward_judge(name, model=model, tokenizer=tokenizer))
+        judges.setdefault(name, make_reward_judge(name, pipeline=pipeline))
     references = [render_array(row_target(r)) for r in prompts]
 
     per_variant: dict[str, list[dict]] = {v: [] for v in variants}
     agreement = {}
     for seed in seeds:
         k_seeds = [candidate_seed(seed, 1, k) for k in range(srum_cfg.candidates)]
-        examples, per_prompt = sample_candidates(model, tokenizer, prompts, sampling, k_seeds)
+        examples, per_prompt = generate_candidates(pipeline, prompts, sampling, k_seeds)
         by_judge = {name: judge_candidates(prompts, per_prompt, j) for name, j in judges.items()}
         records = by_judge[judge.name]
         for name, recs in by_judge.items():
@@ -246,7 +256,7 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
                     variant, rec["vlm_rewards"], rec["width"], rec["height"], grid), references[i]))
             ckpt = work / f"seed{seed}" / variant
             train_srum_round(init, cands, variant_config(variant, srum_cfg, seed), params.model, ckpt, train=params.train)
-            per_variant[variant].append(score_checkpoint(ckpt, prompt_sets, sampling, bridge, eval_seeds))
+            per_variant[variant].append(score_checkpoint(ckpt, prompt_sets, sampling, bridge, eval_seeds, settings))
             bar.update(1)
     bar.close()
 

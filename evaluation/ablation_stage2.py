@@ -2,7 +2,8 @@
 
 Versions, all scored with the oracle judge on the held-out SconeEval split, Stage II versions over several
 training seeds (mean +- std):
-  Base          the untrained model (fresh weights)
+  Base          the release directory the chain's first stage starts from (model.release, else the chain's own
+                bootstrapped release of model.preset: fresh weights)
   Stage I       the pipeline's stage1_step2 checkpoint
   Stage II (a)  direct: both experts, 2N steps, no bridge
   Stage II (b)  two-step without bridge: N steps und. expert only, then N steps both experts
@@ -38,15 +39,20 @@ def _versions(params, steps: int) -> dict[str, list]:
     }
 
 
-def _score(ckpt: Path, params, out: Path, name: str, bridge: bool) -> dict:
+def _score(ckpt: Path, params, out: Path, name: str, bridge: bool, model_cfg=None) -> dict:
     from evaluation.runner import evaluate_checkpoint_dir
+    from model.pipeline import pipeline_settings
 
     eval_cfg = params.eval.model_copy(update={"rounds": 1, "scorings": 1, "judge": "oracle"})
     bench = Path(params.data.root) / "sconeeval_bench"
-    return evaluate_checkpoint_dir(ckpt, bench, out, eval_cfg, model_name=name, bridge=bridge)["average"]
+    # a release stores no bridge settings: the ones the version was trained with, as the chain's eval step passes
+    settings = pipeline_settings(model_cfg or params.model)
+    return evaluate_checkpoint_dir(ckpt, bench, out, eval_cfg, model_name=name, bridge=bridge,
+                                   pipeline_settings=settings)["average"]
 
 
 def _train_chain(chain, start: Path, params, model_cfg, out: Path, seed: int) -> Path:
+    from model.bagel.release import FAMILY_SPEC
     from model.launch import run_stage
 
     train = params.train.model_copy(update={"seed": seed, "num_ranks": 1})
@@ -54,7 +60,7 @@ def _train_chain(chain, start: Path, params, model_cfg, out: Path, seed: int) ->
     for stage_name, stage in chain:
         ckpt = out / stage_name
         run_stage(stage_name, stage.model_copy(update={"init_from": None}), train, model_cfg, params.data.root,
-                  ckpt, init_checkpoint=init, progress=False)
+                  ckpt, init_checkpoint=init, progress=False, model_family=FAMILY_SPEC)
         init = ckpt
     return init
 
@@ -77,25 +83,27 @@ def table5_markdown(result: dict) -> str:
 
 
 def run(params, out: Path, steps: int = DEFAULT_STEPS, seeds=DEFAULT_SEEDS, taus=DEFAULT_TAUS) -> dict:
-    import torch
-
     from data.formats.sconeeval import read_bench
-    from model.modeling import SconeModel, save_checkpoint
-    from model.tokenizer import build_tokenizer
+    from model.pipeline import is_release_dir
+    from tasks.paths import Paths  # the chain's path map; this bench runs only from `scone bench`
 
     t0 = time.perf_counter()
     work = Path(out).with_suffix("")  # artifacts/bench/ablation-stage2/
-    stage1 = Path(params.pipeline.artifacts) / "checkpoints" / "stage1_step2"
-    if not (stage1 / "model.safetensors").exists():
-        raise FileNotFoundError(f"{stage1} not found: run `scone pipeline` (or `dvc repro train@stage1_step2`) first")
+    paths = Paths.from_params(params)
+    stage1 = paths.checkpoint("stage1_step2")
+    if not is_release_dir(stage1):
+        raise FileNotFoundError(f"{stage1} holds no checkpoint: run `scone pipeline` (or `dvc repro "
+                                "train@stage1_step2`) first")
+    base = paths.release(params)
+    if not is_release_dir(base):
+        raise FileNotFoundError(f"{base} holds no release directory: run `scone bootstrap tokenizer|autoencoder|"
+                                "release` (or point model.release at a downloaded one)")
     model_cfg = params.model
 
-    base_dir = work / "base"
-    torch.manual_seed(params.train.seed)
-    tok = build_tokenizer()
-    save_checkpoint(SconeModel.from_model_config(model_cfg, len(tok)), tok, base_dir)
+    base_label = base.name if params.model.release else f"bootstrapped {params.model.preset} (fresh weights)"
     versions = {
-        "base": {"stage": "Base", "label": "untrained", **_mean_std([_score(base_dir, params, work / "scores", "base", False)])},
+        "base": {"stage": "Base", "label": base_label,
+                 **_mean_std([_score(base, params, work / "scores", "base", False)])},
         "stage1": {"stage": "Stage I", "label": "stage1_step2",
                    **_mean_std([_score(stage1, params, work / "scores", "stage1", False)])},
     }
@@ -114,7 +122,7 @@ def run(params, out: Path, steps: int = DEFAULT_STEPS, seeds=DEFAULT_SEEDS, taus
     for tau in taus:
         cfg = model_cfg.model_copy(update={"bridge": model_cfg.bridge.model_copy(update={"tau": tau})})
         ckpt = _train_chain(chain, stage1, params, cfg, work / f"tau_{tau}", seeds[0])
-        sweep[str(tau)] = _score(ckpt, params, work / "scores", f"tau_{tau}", True)
+        sweep[str(tau)] = _score(ckpt, params, work / "scores", f"tau_{tau}", True, cfg)
 
     c, b = versions["stage2_c_two_step_bridge"], versions["stage2_b_two_step"]
     gap = c["DIS"]["mean"] - b["DIS"]["mean"]

@@ -1,21 +1,23 @@
 """`scone bench sampling`: per-case sampling latency as the references grow from 1 to 4, with and without the
 context cache.
 
-With the cache (model.sampler, use_cache=True) the context (instruction + references) runs through the model
-once per batch and every denoising step computes only the target tokens, attending to the cached keys and
-values; without it every step recomputes the whole packed sequence. More references lengthen the context
-(each adds ViT + latent tokens), so the cached cost of a step grows only through the target queries'
-attention span, while the uncached cost grows with the full sequence. The aim: 4 references cost at most
-1.5x one reference with the cache.
+With the cache (model.bagel.generate, use_cache=True) each case's context (references + instruction, one per
+guidance pass) runs through the model once per batch and every denoising step computes only the target tokens,
+attending to the cached keys and values; without it every step recomputes the whole packed sequence. More
+references lengthen the context (each adds its latent and ViT tokens), so the cached cost of a step grows only
+through the target queries' attention span, while the uncached cost grows with the full sequence. The aim: 4
+references cost at most 1.5x one reference with the cache.
 
-Method: the stage2_step2 checkpoint when it exists, else a freshly initialised model of params.model
-(latency does not depend on the weights). Cases are rendered subject-world scenes (data.render), 1-4
-references per case and one fixed instruction; one batch of `cases` cases is sampled with the params'
-steps and guidance scales. Each (mode, reference count) is warmed up once and timed several times
-(interleaved, so that machine drift spreads over all settings); the figure is the median per-case latency,
-beside the best run and the median process CPU time.
-The time spent in encode_context and in the per-step velocity calls is measured inside the same runs by
-wrapping those model methods, which says what dominates.
+Method: the stage2_step2 checkpoint when it exists, else the release directory the chain's first stage starts
+from (model.release, or the chain's own bootstrapped release: fresh weights; latency does not depend on the
+weights), loaded through model.pipeline.load_pipeline with params' model settings. Cases are rendered
+subject-world scenes (data.render), 1-4 references per case and one fixed instruction; one batch of `cases` cases
+is sampled with the params' steps and guidance scales. Each (mode, reference count) is warmed up once and timed
+several times (interleaved, so that machine drift spreads over all settings); the figure is the median per-case
+latency, beside the best run and the median process CPU time.
+The time spent encoding contexts (BagelModel.encode_context) and in the step forwards (BagelModel.hidden_states
+outside a context encoding) is measured inside the same runs by wrapping those model methods, which says what
+dominates.
 """
 from __future__ import annotations
 
@@ -32,11 +34,12 @@ import torch
 from data.render import render_array
 from data.scene import OBJECT_CATEGORIES, Placement, Scene, Subject
 from model.batching import Example
-from model.modeling import SconeModel, load_checkpoint
-from model.sampler import generate, guidance_passes
-from model.tokenizer import build_tokenizer
+from model.bagel.generate import generate
+from model.scheduler import guidance_passes
 
 REFERENCE_COUNTS = (1, 2, 3, 4)
+# the denoising steps' forwards, cached (continuations of the contexts) and uncached (whole sequences) alike
+STEP_FN = "hidden_states"
 AIM_RATIO = 1.5
 CONTENDED_BELOW = 0.8  # CPU utilisation under which other jobs evidently shared the cores
 INSTRUCTION = "Put the subjects from the images together on the beach."
@@ -63,36 +66,52 @@ def bench_examples(n_refs: int, cases: int, size: int) -> list[Example]:
     return [Example(refs=reference_images(n_refs, i, size), instruction=INSTRUCTION) for i in range(cases)]
 
 
-def load_model(params) -> tuple[SconeModel, object, str]:
-    """(model, tokenizer, where it came from): the stage2_step2 checkpoint if there, else fresh weights."""
-    ckpt = Path(params.pipeline.artifacts) / "checkpoints" / "stage2_step2"
-    if (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file():
-        model, tokenizer = load_checkpoint(ckpt)
-        return model, tokenizer, str(ckpt)
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    return SconeModel.from_model_config(params.model, len(tokenizer)).eval(), tokenizer, "fresh init (params.model)"
+def load_bench_pipeline(params, device: str = "cpu") -> tuple[object, str]:
+    """(pipeline, where it came from): the stage2_step2 checkpoint if there, else the release stages start from."""
+    from model.pipeline import is_release_dir, load_pipeline, pipeline_settings
+    from tasks.paths import Paths  # the chain's path map; this bench runs only from `scone bench`
+
+    paths = Paths.from_params(params)
+    settings = pipeline_settings(params.model)
+    ckpt = paths.checkpoint("stage2_step2")
+    if is_release_dir(ckpt):
+        return load_pipeline(ckpt, settings, device=device), str(ckpt)
+    release = paths.release(params)
+    if is_release_dir(release):
+        return load_pipeline(release, settings, device=device), f"release {release} (no stage2_step2 checkpoint)"
+    raise FileNotFoundError(f"neither {ckpt} nor the release {release} is there: run `scone bootstrap "
+                            "tokenizer|autoencoder|release` (or point model.release at a downloaded release)")
 
 
 class PhaseTimer:
-    """Wall time spent inside chosen methods of one model instance (wrapped as instance attributes)."""
+    """Wall time spent inside chosen methods of one model instance (wrapped as instance attributes).
 
-    METHODS = ("encode_context", "velocity_from_context", "predict_velocity_dense")
+    Only the outermost timed call counts: encode_context runs hidden_states itself, and that time is the
+    context's, not a step's."""
+
+    METHODS = ("encode_context", "hidden_states")
 
     def __init__(self, model: torch.nn.Module, sync):
         self.model, self.sync = model, sync
         self.seconds = {m: 0.0 for m in self.METHODS}
         self.calls = {m: 0 for m in self.METHODS}
+        self._depth = 0
 
     def __enter__(self):
         for name in self.METHODS:
             original = getattr(self.model, name)
 
             def timed(*args, _name=name, _original=original, **kwargs):
-                self.sync()
-                t0 = time.perf_counter()
-                out = _original(*args, **kwargs)
-                self.sync()
+                if self._depth:
+                    return _original(*args, **kwargs)
+                self._depth += 1
+                try:
+                    self.sync()
+                    t0 = time.perf_counter()
+                    out = _original(*args, **kwargs)
+                    self.sync()
+                finally:
+                    self._depth -= 1
                 self.seconds[_name] += time.perf_counter() - t0
                 self.calls[_name] += 1
                 return out
@@ -109,10 +128,13 @@ class PhaseTimer:
         self.calls = {m: 0 for m in self.METHODS}
 
 
-def context_tokens(model: SconeModel, tokenizer, n_refs: int) -> int:
-    """Context length of a case (instruction incl. [BOS] + ViT and latent tokens of every reference)."""
-    words = len(tokenizer(INSTRUCTION, add_special_tokens=False)["input_ids"]) + 1
-    return min(words, model.config.max_text_len) + n_refs * (model.vit_grid**2 + model.latent_grid**2)
+@torch.no_grad()
+def context_tokens(model, tokenizer, n_refs: int, side: int) -> int:
+    """Context length of a case in the packed layout the sampler builds (per reference its framed latent and ViT
+    tokens, then the framed instruction), counted on the model's own layout."""
+    device = model.vae2llm.weight.device
+    refs = [torch.zeros(3, side, side, device=device) for _ in range(n_refs)]
+    return len(model.generation_context(refs, tokenizer.encode(INSTRUCTION)))
 
 
 def run(params, out: Path, *, cases: int = 4, repeats: int = 3, cached_repeats: int = 7, threads: int = 1,
@@ -128,14 +150,16 @@ def run(params, out: Path, *, cases: int = 4, repeats: int = 3, cached_repeats: 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model, tokenizer, source = load_model(params)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device)
+        pipe, source = load_bench_pipeline(params, device=str(device))
+        model, tokenizer, side = pipe.model, pipe.tokenizer, pipe.image_size
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         bridge = bool(params.train.stages["stage2_step2"].bridge) if "stage2_step2" in params.train.stages else False
-        examples = {n: bench_examples(n, cases, model.config.image_size) for n in reference_counts}
+        examples = {n: bench_examples(n, cases, side) for n in reference_counts}
+        # the pipeline's own generate has no cache switch: the sampler it calls, with the pipeline's settings
         kwargs = dict(steps=sampling.steps, cfg_text=sampling.cfg_text, cfg_image=sampling.cfg_image, seed=0,
-                      bridge=bridge, batch_size=cases)
+                      bridge=pipe.bridge_cfg if bridge else None, batch_size=cases,
+                      timestep_shift=pipe.timestep_shift, image_size=side)
         modes = {"cached": True, "uncached": False}
         runs_per_mode = {"cached": cached_repeats, "uncached": repeats}
         samples: dict[tuple[str, int], list[dict]] = {(m, n): [] for m in modes for n in reference_counts}
@@ -157,7 +181,7 @@ def run(params, out: Path, *, cases: int = 4, repeats: int = 3, cached_repeats: 
                         samples[(m, n)].append({"total": time.perf_counter() - t0, "cpu": time.process_time() - c0,
                                                 **dict(timer.seconds)})
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        tokens = {str(n): context_tokens(model, tokenizer, n) for n in reference_counts}
+        tokens = {str(n): context_tokens(model, tokenizer, n, side) for n in reference_counts}
         report = _report(samples, modes, reference_counts, cases, tokens)
     finally:
         torch.set_num_threads(previous_threads)
@@ -168,7 +192,8 @@ def run(params, out: Path, *, cases: int = 4, repeats: int = 3, cached_repeats: 
         "torch": torch.__version__,
         "threads": threads,
         "cpu_count": os.cpu_count(),
-        "model": {k: getattr(model.config, k) for k in ("hidden_size", "num_layers", "num_heads", "image_size")},
+        "model": {"hidden_size": model.config.llm.hidden_size, "num_layers": model.config.llm.num_hidden_layers,
+                  "num_heads": model.config.llm.num_attention_heads, "image_size": side},
         "cases_per_batch": cases,
         "steps": sampling.steps,
         "cfg_text": sampling.cfg_text,
@@ -196,14 +221,13 @@ def run(params, out: Path, *, cases: int = 4, repeats: int = 3, cached_repeats: 
 def _report(samples, modes, reference_counts, cases, tokens: dict[str, int]) -> dict:
     per_mode = {}
     for m in modes:
-        step_fn = "velocity_from_context" if m == "cached" else "predict_velocity_dense"
         rows = {}
         for n in reference_counts:
             runs = samples[(m, n)]
-            med = {k: statistics.median(r[k] for r in runs) for k in ("total", "cpu", "encode_context", step_fn)}
+            med = {k: statistics.median(r[k] for r in runs) for k in ("total", "cpu", "encode_context", STEP_FN)}
             share = {
                 k: statistics.median(r[f] / r["total"] for r in runs)
-                for k, f in (("encode_context", "encode_context"), ("steps", step_fn))
+                for k, f in (("encode_context", "encode_context"), ("steps", STEP_FN))
             }
             rows[str(n)] = {
                 "context_tokens": tokens[str(n)],
@@ -213,7 +237,7 @@ def _report(samples, modes, reference_counts, cases, tokens: dict[str, int]) -> 
                 "per_case_cpu_ms": round(1000 * med["cpu"] / cases, 3),
                 "batch_s": round(med["total"], 5),
                 "encode_ms_per_case": round(1000 * med["encode_context"] / cases, 3),
-                "steps_ms_per_case": round(1000 * med[step_fn] / cases, 3),
+                "steps_ms_per_case": round(1000 * med[STEP_FN] / cases, 3),
                 "share_encode_context": round(share["encode_context"], 3),
                 "share_steps": round(share["steps"], 3),
                 "share_other": round(max(0.0, 1 - share["encode_context"] - share["steps"]), 3),

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on a SconeEval-layout benchmark: generate -> judge -> results layout -> summary.
 
 Protocol (Scone Sec. 5.1): `eval.rounds` sampling rounds with seeds `eval.seed + r`, each scored
-`eval.scorings` times. A round's cases go to generate_fn in one call (model.sampler derives each
+`eval.scorings` times. A round's cases go to generate_fn in one call (model.bagel.generate derives each
 case's noise from the seed and its position, so images do not depend on the batch size). Outputs under `<out_dir>/<model_name>/`:
 
     images_try{r+1}/<task_type>/<key>.png           generated images of round r
@@ -52,7 +52,7 @@ def make_examples(cases: Sequence) -> list:
 
 
 def generate_images(generate_fn: GenerateFn, cases: Sequence, seed: int) -> list[np.ndarray]:
-    """One image per case. All cases of a round go to generate_fn in one call: model.sampler draws each
+    """One image per case. All cases of a round go to generate_fn in one call: model.bagel.generate draws each
     case's noise from (seed, position), so splitting a round into calls would repeat noise; the
     checkpoint generate_fn batches by eval.sampling.batch_size itself."""
     images = generate_fn(make_examples(cases), seed)

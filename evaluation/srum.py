@@ -2,8 +2,8 @@
 
 Pieces, in the order of the paper's pipeline:
 
-1. candidates: K images per compositional prompt (the round's pipeline, model.pipeline.load_pipeline: a BAGEL
-   release directory or an older scratch checkpoint; one seed per candidate).
+1. candidates: K images per compositional prompt (the round's pipeline over its BAGEL release directory,
+   model.pipeline.load_pipeline; one seed per candidate).
 2. region proposals (Sec. 3.1): colour blobs of the generated image (evaluation.detect), kept only when
    relevant to the prompt, i.e. of a colour the prompt names (every subject of the subject world is
    named with its colour). At most `max_regions` per image, largest first (the paper caps at 10).
@@ -452,20 +452,16 @@ class OpenAIRewardJudge:
         return g, (regions_from_answer(answers[1], len(regions), key) if regions else [])
 
 
-def make_reward_judge(kind: str, *, pipeline=None, model=None, tokenizer=None, openai_cfg=None) -> RewardJudge:
+def make_reward_judge(kind: str, *, pipeline=None, openai_cfg=None) -> RewardJudge:
     """The SRUM judge of `srum.judge`; `openai` takes the endpoint settings of `eval.openai` (OpenAIJudgeConfig).
 
-    `self` asks `pipeline` (model.pipeline.load_pipeline), or a scratch SconeModel given as model + tokenizer."""
+    `self` asks `pipeline` (model.pipeline.load_pipeline of the round's checkpoint)."""
     if kind == "oracle":
         return OracleRewardJudge()
     if kind == "self":
         if pipeline is None:
-            if model is None or tokenizer is None:
-                raise ValueError("the 'self' SRUM judge needs the round's pipeline (or a scratch model and its "
-                                 "tokenizer): its understanding expert answers")
-            from model.pipeline import ScratchPipeline
-
-            pipeline = ScratchPipeline(model, tokenizer)
+            raise ValueError("the 'self' SRUM judge needs the round's pipeline (model.pipeline.load_pipeline): its "
+                             "understanding expert answers")
         return SelfRewardJudge(pipeline)
     if kind == "openai":
         from evaluation.judges.openai import OpenAIJudge
@@ -532,18 +528,11 @@ def generate_candidates(pipeline, prompts: Sequence, sampling, seeds: Sequence[i
     return examples, images
 
 
-def sample_candidates(model, tokenizer, prompts: Sequence, sampling, seeds: Sequence[int]
-                      ) -> tuple[list, list[list[np.ndarray]]]:
-    """`generate_candidates` for a scratch SconeModel already loaded (callers that hold one)."""
-    from model.pipeline import ScratchPipeline
-
-    return generate_candidates(ScratchPipeline(model, tokenizer), prompts, sampling, seeds)
-
-
 def pipeline_settings(srum_cfg, model_cfg=None) -> dict:
     """load_pipeline's settings for a round (model.pipeline.pipeline_settings of the model config); nothing without
-    a model config (a scratch checkpoint carries its own). SRUM's prompts are text-to-image: no reference for the
-    bridge to mask, so candidates sample without it whatever srum.bridge says (that applies to training)."""
+    a model config (the release's own image size, no bridge settings). SRUM's prompts are text-to-image: no
+    reference for the bridge to mask, so candidates sample without it whatever srum.bridge says (that applies to
+    training)."""
     from model.pipeline import pipeline_settings as settings_of
 
     return {} if model_cfg is None else settings_of(model_cfg)

@@ -52,9 +52,7 @@ def validate_all(params) -> list[dict]:
 
 def bootstrap_release(ledger: fr.Ledger, params, log) -> None:
     """The release directory the first stage starts from: made in the chain for model.preset, unless model.release
-    names one (a downloaded BAGEL-7B-MoT or Scone directory) or the scratch model trains from fresh weights."""
-    if params.model.family != "bagel":
-        return
+    names one (a downloaded BAGEL-7B-MoT or Scone directory)."""
     if params.model.release:
         log.info("starting from the release directory %s (model.release); nothing to bootstrap", params.model.release)
         return

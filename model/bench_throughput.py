@@ -1,6 +1,11 @@
 """`scone bench train-throughput`: training-step speed and achieved FLOP/s against this machine's matmul peak.
 
-One process, one DeepSpeed rank, the params.yaml model and micro batch, real batches from the built datasets.
+One process, one DeepSpeed rank, the BAGEL family's stage loss on real batches from the built datasets (params'
+micro batch, collated as the stage trainer collates them). The model is params' release (`model.release`, or the
+`release` argument), else a fresh release of `model.preset` made in a temporary directory the way the chain makes
+its own (a tokenizer trained on the datasets' texts, the preset's weights and autoencoder freshly initialised):
+the speed of a step does not depend on what the weights have learned.
+
 Measured in the same run: the fp32 (or bf16 on GPU) matmul peak, the FLOPs of one training step counted by
 torch's FlopCounterMode (forward + backward), and the wall time of optimizer steps with the bridge off and on.
 """
@@ -10,16 +15,17 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from model import engine as ds_engine
-from model.batching import collate, examples_from_rows
-from model.modeling import SconeModel
-from model.tokenizer import build_tokenizer
-from model.train import StageLoss, apply_freezing
+from model.train import StageLoss, apply_freezing, to_device
+
+DATASETS = ("scone_multi_candidate", "scone_single_candidate_refined")
+STAGE = "stage2_step2"  # both experts trained: the most expensive recipe
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 1024, repeats: int = 20) -> float:
@@ -51,16 +57,37 @@ def step_flops(loss_module: torch.nn.Module, batch: dict) -> int:
     return counter.get_total_flops()
 
 
+def fresh_release(params, directory: Path) -> Path:
+    """A release of params' preset with fresh weights, its tokenizer trained on the benchmark datasets' texts."""
+    from model.bagel.autoencoder import FluxAutoencoder
+    from model.bagel.autoencoder_train import save_autoencoder
+    from model.bagel.bootstrap import assemble_release, subject_world_texts, train_tokenizer
+    from model.bagel.config import preset
+
+    seed = params.model.bootstrap.seed
+    tokenizer_dir = train_tokenizer(subject_world_texts(params.data.root, DATASETS), directory / "tokenizer",
+                                    params.model.bootstrap.tokenizer_vocab_size)
+    vae = preset(params.model.preset).vae
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ae = FluxAutoencoder(vae)
+    save_autoencoder(ae, vae, directory / "autoencoder")
+    return assemble_release(tokenizer_dir, directory / "autoencoder", directory / "release",
+                            preset_name=params.model.preset, seed=seed)
+
+
 def _batches(params, tokenizer, n: int) -> list[dict]:
     from data.formats.scone_s2i import iter_rows
+    from model.bagel import family
 
     rows = []
-    for name in ("scone_multi_candidate", "scone_single_candidate_refined"):
+    for name in DATASETS:
         rows += list(iter_rows(params.data.root, name))
     if not rows:
         raise FileNotFoundError(f"no training rows under {params.data.root}: run `scone data build all` first")
     mb = params.train.micro_batch
-    return [collate(examples_from_rows([rows[(i * mb + j) % len(rows)] for j in range(mb)]), tokenizer, params.model)
+    return [family.collate(family.examples_from_rows([rows[(i * mb + j) % len(rows)] for j in range(mb)]),
+                           tokenizer, params.model)
             for i in range(n)]
 
 
@@ -68,7 +95,7 @@ def _time_steps(eng, batches: list[dict], warmup: int) -> list[float]:
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        out = eng(batch, generator=torch.Generator().manual_seed(i))
+        out = eng(batch, generator=torch.Generator(device=eng.device).manual_seed(i))
         eng.backward(out["loss"])
         eng.step()
         if torch.cuda.is_available():
@@ -78,37 +105,45 @@ def _time_steps(eng, batches: list[dict], warmup: int) -> list[float]:
     return times
 
 
-def run(params, out: Path, steps: int = 20, warmup: int = 3) -> dict:
+def run(params, out: Path, steps: int = 20, warmup: int = 3, release: str | Path | None = None) -> dict:
+    from model.bagel import family
+
     rank, world = ds_engine.init_distributed()
     precision = ds_engine.resolve_precision(params.train.precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     device = torch.device(ds_engine.accelerator().device_name(), ds_engine.accelerator().current_device()) \
         if torch.cuda.is_available() else torch.device("cpu")
-    tokenizer = build_tokenizer()
-    batches = _batches(params, tokenizer, steps + warmup)
-    stage = params.train.stages["stage2_step2"]  # both experts trained: the most expensive recipe
-    peak = matmul_peak_flops(dtype, device)
-    results = {}
-    for bridge in (False, True):
-        torch.manual_seed(params.train.seed)
-        model = SconeModel.from_model_config(params.model, len(tokenizer))
-        trainable = apply_freezing(model, stage)
-        loss_module = StageLoss(model, bridge=bridge, und_loss_weight=stage.und_loss_weight)
-        flops = step_flops(loss_module, batches[0])
-        eng = ds_engine.build_engine(loss_module, trainable, params.train, stage, world_size=world,
-                                     precision=precision)
-        dev_batches = [{k: v.to(eng.device) for k, v in b.items()} for b in batches]
-        times = _time_steps(eng, dev_batches, warmup)
-        step_s = statistics.median(times)
-        results["bridge_on" if bridge else "bridge_off"] = {
-            "step_s_median": round(step_s, 5),
-            "step_s_min": round(min(times), 5),
-            "samples_per_s": round(params.train.micro_batch / step_s, 2),
-            "flops_per_step": flops,
-            "achieved_flops_per_s": round(flops / step_s),
-            "mfu": round(flops / step_s / peak, 4),
-        }
-        del eng
+    release = release or params.model.release
+    with tempfile.TemporaryDirectory(prefix="bench-release-") as tmp:
+        source = Path(release) if release else fresh_release(params, Path(tmp))
+        tokenizer = family.tokenizer(source)
+        batches = _batches(params, tokenizer, steps + warmup)
+        stage = params.train.stages[STAGE]
+        peak = matmul_peak_flops(dtype, device)
+        results = {}
+        for bridge in (False, True):
+            torch.manual_seed(params.train.seed)
+            model = family.load(source)
+            trainable = apply_freezing(model, stage)
+            loss_module = StageLoss(model, bridge=bridge, und_loss_weight=stage.und_loss_weight,
+                                    bridge_config=params.model.bridge)
+            flops = step_flops(loss_module, batches[0])
+            eng = ds_engine.build_engine(loss_module, trainable, params.train, stage, world_size=world,
+                                         precision=precision)
+            eng.train()
+            times = _time_steps(eng, [to_device(b, eng.device, dtype) for b in batches], warmup)
+            step_s = statistics.median(times)
+            results["bridge_on" if bridge else "bridge_off"] = {
+                "step_s_median": round(step_s, 5),
+                "step_s_min": round(min(times), 5),
+                "samples_per_s": round(params.train.micro_batch / step_s, 2),
+                "flops_per_step": flops,
+                "achieved_flops_per_s": round(flops / step_s),
+                "mfu": round(flops / step_s / peak, 4),
+            }
+            eng.destroy()
+            del eng
+        llm = model.config.llm
     off, on = results["bridge_off"], results["bridge_on"]
     report = {
         "benchmark": "train-throughput",
@@ -117,7 +152,11 @@ def run(params, out: Path, steps: int = 20, warmup: int = 3) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "model": params.model.model_dump(),
+        "release": str(release) if release else f"fresh {params.model.preset} preset",
+        "architecture": {"hidden_size": llm.hidden_size, "num_layers": llm.num_hidden_layers,
+                         "num_heads": llm.num_attention_heads, "num_kv_heads": llm.num_key_value_heads,
+                         "total_params": sum(p.numel() for p in model.parameters())},
+        "model": params.model.model_dump(mode="json"),
         "micro_batch": params.train.micro_batch,
         "zero_stage": params.train.zero_stage,
         "measured_steps": steps,

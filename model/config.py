@@ -1,4 +1,4 @@
-"""Configuration owned by the model package: architecture (`model:`) and training (`train:`)."""
+"""Configuration owned by the model package: which release and how to feed it (`model:`), training (`train:`), SRUM."""
 from __future__ import annotations
 
 from typing import Literal
@@ -6,12 +6,15 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from data.config import Strict
+from model.bagel.config import preset
 
 
 class BridgeConfig(Strict):
     """Understanding bridge (Scone Sec. 3.4). Paper: layer 8 of 28 for the mask, applied in layers 9-16, tau 0.88.
 
-    Scaled to the tiny model by depth fraction: early layer ~ 8/28 of depth, applied through ~16/28.
+    Scaled to the tiny model by depth fraction: early layer ~ 8/28 of depth, applied through ~16/28. A release
+    stores no bridge settings: these are the only ones, checked against the model's depth where the two meet
+    (model.bagel.bridge.check_layers).
     """
 
     early_layer: int = Field(1, ge=0, description="layer whose und.-expert states give the semantic mask")
@@ -21,6 +24,14 @@ class BridgeConfig(Strict):
         0.05, gt=0, description="T of the straight-through surrogate log sigmoid((s - tau) / T) (stages with "
         "bridge_straight_through); the forward pass always uses the exact mask of Eq. 4"
     )
+
+    @model_validator(mode="after")
+    def _mask_then_apply(self):
+        if not self.early_layer < self.apply_until:
+            raise ValueError(f"bridge layers (early_layer={self.early_layer}, apply_until={self.apply_until}) must "
+                             "satisfy early_layer < apply_until: the mask acts in the layers after the one it is "
+                             "computed from")
+        return self
 
 
 class AutoencoderTrainConfig(Strict):
@@ -44,52 +55,43 @@ class BootstrapConfig(Strict):
 
 
 class ModelConfig(Strict):
+    """params' `model:`: which release the chain starts from and how the model is fed, sampled and bridged.
+
+    The architecture is not here: it is the release directory's (llm_config.json, vit_config.json, the weights'
+    shapes), or the preset's when the chain makes its own release (model.bagel.config.preset)."""
+
     name: str = "tiny"
-    family: Literal["bagel", "scratch"] = Field(
-        "bagel", description="bagel: the BAGEL / Scone architecture (model/bagel), from a release directory; "
-        "scratch: the retired scratch model (model/modeling.py)")
     preset: str = Field("tiny", description="BAGEL preset the chain bootstraps a release of (model.bagel.config)")
     release: str | None = Field(
         None, description="release directory the first stage starts from (scale: the downloaded BAGEL-7B-MoT or "
         "Scone directory); null: the chain makes one for `preset` under artifacts/release/")
     bootstrap: BootstrapConfig = BootstrapConfig()
-    hidden_size: int = Field(128, ge=16)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    mlp_ratio: float = 4.0
-    image_size: int = 32
-    vit_patch: int = Field(8, description="ViT token grid = image_size / vit_patch")
-    latent_patch: int = Field(4, description="latent token grid = image_size / latent_patch")
-    max_text_len: int = 48
-    max_references: int = 4
+    image_size: int = Field(
+        32, ge=1, description="side the images are fed and generated at, rounded up to the model's token grid "
+        "(model.bagel.family.image_side)")
+    max_references: int = Field(4, ge=0, description="references per sample; training keeps the first ones")
     timestep_shift: float = Field(1.0, gt=0)
     timestep_sampling: Literal["logit_normal", "uniform"] = Field(
         "logit_normal", description="training timestep distribution before the shift"
     )
-    prediction: Literal["x0", "velocity"] = Field(
-        "x0",
-        description="what the generation head outputs; the loss is the velocity MSE either way. x0: the head "
-        "predicts the clean latent and v = (x_t - x0_hat) / max(t, t_min) - far easier for a small model whose "
-        "latent patches are wide relative to its hidden size",
-    )
-    prediction_t_min: float = Field(0.05, gt=0, le=1, description="clamp of t in the x0 -> velocity conversion")
     cfg_drop_text: float = Field(0.1, ge=0, le=1, description="guidance dropout: instruction replaced by empty")
-    cfg_drop_image: float = Field(0.05, ge=0, le=1, description="guidance dropout: references (and text) removed")
+    cfg_drop_image: float = Field(
+        0.05, ge=0, le=1, description="guidance dropout: references and instruction removed, the unconditional "
+        "branch image guidance needs (model.scheduler.guidance_dropout)")
     bridge: BridgeConfig = BridgeConfig()
 
     @model_validator(mode="after")
-    def _grids_divide(self):
-        for what in ("vit_patch", "latent_patch"):
-            if self.image_size % getattr(self, what):
-                raise ValueError(f"image_size {self.image_size} must be divisible by {what} {getattr(self, what)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
-        b = self.bridge
-        if not (b.early_layer < b.apply_until < self.num_layers):
-            raise ValueError(
-                f"bridge layers (early_layer={self.bridge.early_layer}, apply_until={self.bridge.apply_until}) "
-                f"must satisfy early_layer < apply_until < num_layers={self.num_layers}"
-            )
+    def _bridge_fits_the_preset(self):
+        """The layers of a release the chain makes are the preset's, so a bridge that cannot fit them is refused
+        here, before hours of bootstrap and Stage I. A given release is checked when the model meets its config
+        (model.bagel.bridge.check_layers): its depth is in its files."""
+        if self.release is None:
+            layers = preset(self.preset).llm.num_hidden_layers
+            b = self.bridge
+            if not b.apply_until < layers:
+                raise ValueError(
+                    f"bridge layers (early_layer={b.early_layer}, apply_until={b.apply_until}) must satisfy "
+                    f"early_layer < apply_until < num_layers={layers}, the layers of preset {self.preset!r}")
         return self
 
 
@@ -97,7 +99,9 @@ class StageConfig(Strict):
     """One training stage: a data mix, a freezing schedule and a length. No code per stage."""
 
     datasets: list[str] = Field(min_length=1, description="dataset names under data.root/parquet_data")
-    init_from: str | None = Field(None, description="previous stage name (its checkpoint) or null for scratch")
+    init_from: str | None = Field(
+        None, description="previous stage name (its checkpoint); null: the release directory (model.release, or the "
+        "one the chain makes for model.preset)")
     steps: int = Field(ge=1)
     lr: float = Field(gt=0)
     warmup_steps: int = Field(0, ge=0)

@@ -2,8 +2,8 @@
 
 Every consumer (the evaluation runner, the `self` judge, SRUM's candidate sampling and its reward judge, the
 MLflow pyfunc model, the benchmarks) goes through `load_pipeline(checkpoint_dir)` instead of loading a model
-class itself, so what a checkpoint is (a BAGEL release directory, or the older scratch-model folder) is decided
-here, once, from its files.
+class itself, so what a checkpoint is (a BAGEL release directory: downloaded, bootstrapped by the chain, or saved
+by a stage or a SRUM round) is decided here, once, from its files.
 
 - `generate(examples, *, steps, cfg_text, cfg_image, seed, bridge, batch_size)`: one uint8 image per example;
 - `yes_probability(images, questions)`: P(yes) from the understanding expert, one per (image, question);
@@ -71,38 +71,6 @@ class BagelPipeline:
         return yes_probability(self.model, self.tokenizer, images, questions, image_size=self.image_size)
 
 
-@dataclass
-class ScratchPipeline:
-    """The older scratch-trained SconeModel folders (model.modeling)."""
-
-    model: Any
-    tokenizer: Any
-
-    @property
-    def image_size(self) -> int:
-        return int(self.model.config.image_size)
-
-    @property
-    def latent_grid(self) -> tuple[int, int]:
-        return (self.model.latent_grid, self.model.latent_grid)
-
-    @property
-    def max_references(self) -> int:
-        return int(self.model.config.max_references)
-
-    def generate(self, examples: Sequence, *, steps: int, cfg_text: float, cfg_image: float, seed: int,
-                 bridge: bool = False, batch_size: int = 32) -> list[np.ndarray]:
-        from model.sampler import generate
-
-        return generate(self.model, self.tokenizer, examples, steps=steps, cfg_text=cfg_text, cfg_image=cfg_image,
-                        seed=seed, bridge=bridge, batch_size=batch_size)
-
-    def yes_probability(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> np.ndarray:
-        from model.understand import yes_probability
-
-        return yes_probability(self.model, self.tokenizer, images, questions)
-
-
 def load_pipeline(checkpoint_dir: str | Path, settings: dict | None = None, *, device: str = "cpu"):
     """The checkpoint at `checkpoint_dir` as a pipeline (weights in fp32 on `device`, eval mode); `settings` as
     `pipeline_settings` makes them (defaults: the model's own image size, 4 references, no bridge settings)."""
@@ -110,21 +78,18 @@ def load_pipeline(checkpoint_dir: str | Path, settings: dict | None = None, *, d
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint {directory} does not exist; run the stage that makes it first")
-    if is_release_dir(directory):
-        import torch
+    if not is_release_dir(directory):
+        raise ValueError(f"checkpoint {directory} is not a BAGEL release directory (it has no "
+                         f"{' / '.join(RELEASE_MARKERS)}); checkpoints of the retired scratch model cannot be "
+                         "loaded any more: retrain the stage that made it")
+    import torch
 
-        from model.bagel.family import BagelTokenizer
-        from model.bagel.release import load_release
+    from model.bagel.family import BagelTokenizer
+    from model.bagel.release import load_release
+    from model.config import BridgeConfig
 
-        from model.config import BridgeConfig
-
-        release = load_release(directory, device=device, dtype=torch.float32)
-        model = release.model.eval()
-        bridge = settings.get("bridge")
-        return BagelPipeline(model, BagelTokenizer(directory), BridgeConfig(**bridge) if bridge else None,
-                             float(settings.get("timestep_shift", 1.0)), int(settings.get("max_references", 4)),
-                             settings.get("image_size"))
-    from model.modeling import load_checkpoint
-
-    model, tokenizer = load_checkpoint(directory, device=device)
-    return ScratchPipeline(model, tokenizer)
+    release = load_release(directory, device=device, dtype=torch.float32)
+    model = release.model.eval()
+    bridge = BridgeConfig(**settings["bridge"]) if settings.get("bridge") else None
+    return BagelPipeline(model, BagelTokenizer(directory), bridge, float(settings.get("timestep_shift", 1.0)),
+                         int(settings.get("max_references", 4)), settings.get("image_size"))

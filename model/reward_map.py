@@ -135,7 +135,7 @@ def _area_weights(src: int, dst: int) -> np.ndarray:
 def to_latent_grid(rmap: np.ndarray, grid: int | tuple[int, int]) -> np.ndarray:
     """Area-average a [H, W] map (or a stack [..., H, W]) down to the latent token grid.
 
-    ``grid`` is the number of latent tokens per side (``image_size // latent_patch``) or (rows, cols).
+    ``grid`` is the latent token grid (rows, cols), e.g. a pipeline's ``latent_grid``, or one side of a square one.
     Exact box averaging when the grid divides the image; otherwise each pixel contributes by its overlap.
     """
     rmap = np.asarray(rmap, dtype=np.float64)

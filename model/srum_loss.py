@@ -20,8 +20,8 @@ How the map becomes a loss weight W(R) (``weighting``):
   with this weighting a "neutral" layout judgment repels the whole image. L_r is unbounded below where
   W < 0; only lambda_c * L_ref, gradient clipping and few steps hold it, hence not the default.
 
-Each term comes in two forms: from (eps, x0) (the scratch model draws them itself) and from the target
-velocity eps - x0 (`*_velocity_loss`; the BAGEL family's packed forward draws them inside and returns the target).
+Each term takes the predicted velocities and their targets eps - x0 ([B, N, C]): the model's packed forward draws
+t and the noise (model.scheduler) and returns both (model.bagel.srum).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from model.flow import velocity_target
+from model.scheduler import flow_matching_loss
 
 Weighting = Literal["direct", "signed"]
 
@@ -53,32 +53,20 @@ def _tokens(reward: Tensor, v: Tensor) -> Tensor:
     if reward.dim() != 2 or reward.shape != v.shape[:2]:
         raise ValueError(
             f"reward map of shape {tuple(reward.shape)} does not match the {tuple(v.shape[:2])} latent tokens; "
-            "resize it with model.reward_map.to_latent_grid(map, image_size // latent_patch)"
+            "resize it with model.reward_map.to_latent_grid(map, (rows, cols)) to the model's latent grid"
         )
     return reward.unsqueeze(-1)
 
 
 def reward_weighted_velocity_loss(v: Tensor, target: Tensor, reward: Tensor, *, alpha: float = 1.0,
                                   weighting: Weighting = "direct") -> Tensor:
-    """L_r (Eq. 1) against a given target velocity eps - x0 (a packed forward returns the target, not eps, x0)."""
-    weight = reward_weights(_tokens(reward, v), weighting)
-    return alpha * ((v.float() - target.float()).pow(2) * weight.float()).mean()
+    """L_r (Eq. 1): mean of alpha * W(R) * squared velocity error over all tokens and channels."""
+    return alpha * flow_matching_loss(v, target, reward_weights(_tokens(reward, v), weighting))
 
 
 def reference_velocity_loss(v: Tensor, target: Tensor) -> Tensor:
-    """L_ref (Eq. 2) against a given target velocity."""
-    return (v.float() - target.float()).pow(2).mean()
-
-
-def reward_weighted_loss(v: Tensor, eps: Tensor, x0: Tensor, reward: Tensor, *, alpha: float = 1.0,
-                         weighting: Weighting = "direct") -> Tensor:
-    """L_r (Eq. 1): mean of alpha * W(R) * squared velocity error over all tokens and channels."""
-    return reward_weighted_velocity_loss(v, velocity_target(x0, eps), reward, alpha=alpha, weighting=weighting)
-
-
-def reference_loss(v: Tensor, eps: Tensor, x0: Tensor) -> Tensor:
     """L_ref (Eq. 2): plain flow-matching MSE towards the artifact-free ground-truth latent."""
-    return reference_velocity_loss(v, velocity_target(x0, eps))
+    return flow_matching_loss(v, target)
 
 
 def srum_velocity_loss(v: Tensor, target: Tensor, reward: Tensor, v_ref: Tensor, target_ref: Tensor, *,
@@ -89,9 +77,3 @@ def srum_velocity_loss(v: Tensor, target: Tensor, reward: Tensor, v_ref: Tensor,
     l_ref = reference_velocity_loss(v_ref, target_ref)
     return {"loss": l_r + lambda_c * l_ref, "l_r": l_r, "l_ref": l_ref}
 
-
-def srum_loss(v: Tensor, eps: Tensor, x0: Tensor, reward: Tensor, v_ref: Tensor, eps_ref: Tensor, x0_ref: Tensor,
-              *, alpha: float = 1.0, lambda_c: float = 0.5, weighting: Weighting = "direct") -> dict[str, Tensor]:
-    """Eq. 3: {"loss": L_r + lambda_c * L_ref, "l_r": L_r, "l_ref": L_ref}."""
-    return srum_velocity_loss(v, velocity_target(x0, eps), reward, v_ref, velocity_target(x0_ref, eps_ref),
-                              alpha=alpha, lambda_c=lambda_c, weighting=weighting)

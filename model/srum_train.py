@@ -8,15 +8,12 @@ trainer's (model.engine): AdamW with the SRUM betas and eps, constant LR after a
 clipping, fp32 on CPU / bf16 on GPUs; freezing follows model.train.apply_freezing (generation expert by
 default, see SrumConfig.train_understanding).
 
-Two checkpoint layouts, one loop; they differ only in how the model is loaded, how a batch is collated and
-which module computes the loss (`load_round_model`):
-- a BAGEL release directory (model.pipeline.is_release_dir): model.bagel.family's load / collate and
-  model.bagel.srum.BagelSrumLoss (one packed forward); saved back as a release directory;
-- the older scratch SconeModel folder: model.modeling / model.batching and `SrumLoss` below.
+The checkpoint is a BAGEL release directory (model.pipeline.is_release_dir), loaded by model.bagel.family, its
+batches collated by the family and its loss computed by model.bagel.srum.BagelSrumLoss (one packed forward)
+(`load_round_model`).
 
 `train_srum_round` writes into `out_dir`, like model.train.train_stage does for a stage:
-- the checkpoint at `out_dir` itself, in the layout it was loaded from (a release directory with its
-  `config.json` marker, or `model.safetensors` + `config.json` + tokenizer files);
+- the checkpoint at `out_dir` itself, a release directory with its `config.json` marker;
 - `metrics.jsonl`: one line per step {step, loss, l_r, l_ref, lr, grad_norm};
 - `train_summary.json`, written last.
 """
@@ -37,8 +34,6 @@ from torch import nn
 from model import engine as ds_engine
 from model.batching import Example
 from model.config import ModelConfig, SrumConfig, StageConfig, TrainConfig
-from model.flow import add_noise, sample_timesteps
-from model.srum_loss import srum_loss
 
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
@@ -50,34 +45,6 @@ class SrumCandidate(NamedTuple):
     image: np.ndarray  # uint8 H x W x 3, what the model generated for it
     reward: np.ndarray  # [rows, cols] reward map on the latent grid (model.reward_map.to_latent_grid)
     reference: np.ndarray  # uint8 H x W x 3, the prompt's ground-truth image (target of L_ref)
-
-
-class SrumLoss(nn.Module):
-    """L_r + lambda_c * L_ref as the module DeepSpeed wraps (one forward over generated + reference targets)."""
-
-    def __init__(self, model: nn.Module, *, bridge: bool, alpha: float, lambda_c: float, weighting: str):
-        super().__init__()
-        self.model = model
-        self.bridge, self.alpha, self.lambda_c, self.weighting = bridge, alpha, lambda_c, weighting
-
-    def forward(self, batch: dict, reward: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        m = self.model
-        x0 = m.encode_latents(batch["target_pixels"])
-        n = x0.shape[0]
-        b = reward.shape[0]
-        if n != 2 * b:
-            raise ValueError(f"SRUM batch holds {n} targets for {b} reward maps; expected generated + reference pairs")
-        c = m.config
-        t = sample_timesteps(n, shift=c.timestep_shift, mode=c.timestep_sampling, generator=generator, device=x0.device)
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device, x0.dtype)
-        # guidance dropout as in every stage: the sampler keeps using the unconditional branches
-        cond = m.drop_conditions(batch, generator) if self.training else batch
-        # the bridge masks reference tokens; text-to-image prompts have none (and the model needs some for it)
-        bridge = self.bridge and batch["ref_mask"].shape[1] > 0
-        v = m.predict_velocity(cond, add_noise(x0, noise, t), t, bridge=bridge)
-        return srum_loss(v[:b], noise[:b], x0[:b], reward, v[b:], noise[b:], x0[b:],
-                         alpha=self.alpha, lambda_c=self.lambda_c, weighting=self.weighting)
 
 
 def srum_stage(srum: SrumConfig) -> StageConfig:
@@ -128,16 +95,6 @@ def _batch_order(n: int, need: int, seed: int) -> np.ndarray:
     return np.concatenate([rng.permutation(n) for _ in range(epochs)])[:need]
 
 
-def _to_device(batch: dict, device, dtype: torch.dtype) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):  # the BAGEL batch also holds sample layouts (lists) and settings (floats)
-            v = v.to(device)
-            v = v.to(dtype) if v.is_floating_point() else v
-        out[k] = v
-    return out
-
-
 def _grid(grid: int | tuple[int, int]) -> tuple[int, int]:
     return (int(grid), int(grid)) if isinstance(grid, numbers.Integral) else (int(grid[0]), int(grid[1]))
 
@@ -163,7 +120,7 @@ def _check_candidates(candidates: Sequence, grid: int | tuple[int, int]) -> list
 
 @dataclass
 class RoundModel:
-    """What differs between the two checkpoint layouts; the round's loop uses only this."""
+    """The checkpoint as the round's loop uses it."""
 
     model: nn.Module  # has expert_parameters and save_pretrained(out_dir, state_dict=...)
     tokenizer: Any  # has save_pretrained(out_dir)
@@ -171,24 +128,6 @@ class RoundModel:
     collate: Callable[[list[Example]], dict]
     loss: nn.Module  # (batch, reward [B, rows, cols], generator) -> {"loss", "l_r", "l_ref"}
     layout: str
-
-
-def _scratch_round_model(model_dir: Path, srum_cfg: SrumConfig, model_cfg: ModelConfig | None) -> RoundModel:
-    from model.batching import collate
-    from model.modeling import load_checkpoint
-
-    model, tokenizer = load_checkpoint(model_dir)
-    if model_cfg is not None:
-        own = model.config.to_model_config()
-        keys = ("image_size", "latent_patch", "hidden_size", "num_layers")
-        diff = [k for k in keys if getattr(own, k) != getattr(model_cfg, k)]
-        if diff:
-            raise ValueError(f"model config differs from the checkpoint {model_dir} in {diff}; "
-                             "the SRUM round trains the checkpoint as saved")
-    loss = SrumLoss(model, bridge=srum_cfg.bridge, alpha=srum_cfg.alpha, lambda_c=srum_cfg.lambda_c,
-                    weighting=srum_cfg.reward_weighting)
-    return RoundModel(model, tokenizer, _grid(model.latent_grid), lambda ex: collate(ex, tokenizer, model.config),
-                       loss, "scratch")
 
 
 def bagel_data_config(bagel_cfg, model_cfg: ModelConfig | None) -> ModelConfig:
@@ -202,10 +141,15 @@ def bagel_data_config(bagel_cfg, model_cfg: ModelConfig | None) -> ModelConfig:
     return ModelConfig().model_copy(update={"image_size": image_side(bagel_cfg, bagel_cfg.vit.image_size)})
 
 
-def _bagel_round_model(model_dir: Path, srum_cfg: SrumConfig, model_cfg: ModelConfig | None) -> RoundModel:
+def load_round_model(model_dir: str | Path, srum_cfg: SrumConfig, model_cfg: ModelConfig | None) -> RoundModel:
     from model.bagel import family
     from model.bagel.srum import BagelSrumLoss
+    from model.pipeline import is_release_dir
 
+    model_dir = Path(model_dir)
+    if not is_release_dir(model_dir):
+        raise ValueError(f"{model_dir} is not a BAGEL release directory (no llm_config.json / vit_config.json); "
+                         "a SRUM round trains a checkpoint of the chain's stages or a downloaded release")
     model = family.load(model_dir)
     tokenizer = family.tokenizer(model_dir)
     data_cfg = bagel_data_config(model.config, model_cfg)
@@ -213,16 +157,7 @@ def _bagel_round_model(model_dir: Path, srum_cfg: SrumConfig, model_cfg: ModelCo
     loss = BagelSrumLoss(model, bridge=data_cfg.bridge if srum_cfg.bridge else None, alpha=srum_cfg.alpha,
                          lambda_c=srum_cfg.lambda_c, weighting=srum_cfg.reward_weighting)
     return RoundModel(model, tokenizer, model.bagel.latent_grid(side, side),
-                       lambda ex: family.collate(ex, tokenizer, data_cfg), loss, "bagel-release")
-
-
-def load_round_model(model_dir: str | Path, srum_cfg: SrumConfig, model_cfg: ModelConfig | None) -> RoundModel:
-    from model.pipeline import is_release_dir
-
-    model_dir = Path(model_dir)
-    if is_release_dir(model_dir):
-        return _bagel_round_model(model_dir, srum_cfg, model_cfg)
-    return _scratch_round_model(model_dir, srum_cfg, model_cfg)
+                      lambda ex: family.collate(ex, tokenizer, data_cfg), loss, "bagel-release")
 
 
 def train_srum_round(
@@ -240,14 +175,13 @@ def train_srum_round(
 
     `live_metrics` ({"tracking_uri", "run_id"}) streams each step's row to that MLflow run (model.live_metrics).
 
-    `model_cfg` (optional): for a scratch checkpoint it is checked against the checkpoint's own config (the
-    checkpoint is the authority); for a BAGEL release it gives the data-side and bridge settings the release
-    does not store (`bagel_data_config`).
+    `model_cfg` (optional): the data-side and bridge settings the release does not store (`bagel_data_config`);
+    the architecture is the release's.
     `train` supplies ZeRO stage and precision (defaults: ZeRO-2, auto precision -> fp32 on CPU).
     """
     from tqdm.auto import tqdm
 
-    from model.train import _final_weights, apply_freezing
+    from model.train import _final_weights, apply_freezing, to_device
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -285,7 +219,7 @@ def train_srum_round(
             chosen = [cands[i] for i in order[start : start + mb]]
             examples = [Example(refs=c.example.refs, instruction=c.example.instruction, target=c.image) for c in chosen]
             examples += [Example(refs=c.example.refs, instruction=c.example.instruction, target=c.reference) for c in chosen]
-            batch = _to_device(rm.collate(examples), eng.device, dtype)
+            batch = to_device(rm.collate(examples), eng.device, dtype)
             reward = torch.from_numpy(np.stack([c.reward for c in chosen])).to(eng.device, dtype)
             seed = int(np.random.SeedSequence([srum_cfg.seed, step, rank]).generate_state(1)[0])
             torch.manual_seed(seed)

@@ -2,10 +2,9 @@
 
 `train_stage` runs on every rank of a torchrun world (or alone, in-process). It writes into `out_dir`:
 
-- the final checkpoint at `out_dir` itself, in the family's layout (the Scone model: `model.safetensors`,
-  `config.json`, tokenizer files; BAGEL: a release directory, its weights sharded above train.max_shard_bytes).
-  It is written by `save_final_weights`: under ZeRO-3 the weights are gathered one layer-sized group at a time
-  and streamed into the files, so no rank ever holds the whole model;
+- the final checkpoint at `out_dir` itself, in the family's layout (BAGEL: a release directory, its weights
+  sharded above train.max_shard_bytes). It is written by `save_final_weights`: under ZeRO-3 the weights are
+  gathered one layer-sized group at a time and streamed into the files, so no rank ever holds the whole model;
 - `metrics.jsonl`: one JSON object per logged step (rank 0): step, loss, fm_loss, und_loss (means over the
   global batch), lr, grad_norm (before clipping), samples_per_s, wall_s, samples_seen;
 - `train_summary.json`: written last, it marks the stage finished (a re-run then returns it unchanged);
@@ -21,8 +20,11 @@
 only the finished weights (tasks/train_stage.py), so the resumable state never enters a DVC output. The state
 is loaded without unpickling code (model.safe_state): a crafted pickle in `ds_state/` is refused.
 
-The loop is model-agnostic: a `ModelFamily` (import path "module:attribute") supplies the model, the
-tokenizer and the batching. The default is the Scone model of this package.
+The loop takes the model, the tokenizer and the batching from a `ModelFamily`, named by import path
+("module:attribute") so that it reaches torchrun's worker processes as a string. The project has one family,
+BAGEL (model.bagel.family, the default); the seam stays because the trainer's tests run it on a fake family of a
+few thousand parameters (tests/test_train_fakes.py), so that engine, data order, freezing and resume are tested
+in seconds.
 """
 from __future__ import annotations
 
@@ -42,10 +44,11 @@ import torch
 from torch import nn
 
 from model import data_loader, engine as ds_engine
+from model.bagel.release import FAMILY_SPEC
 from model.config import BridgeConfig, ModelConfig, StageConfig, TrainConfig
 from model.safe_state import file_digest
 
-DEFAULT_FAMILY = "model.train:SCONE"
+DEFAULT_FAMILY = FAMILY_SPEC  # "model.bagel.family:BAGEL"
 STATE_DIR = "ds_state"
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
@@ -74,39 +77,6 @@ class ModelFamily:
     load_zero3: Callable[[Path, dict], nn.Module] | None = None
 
 
-def _scone_build(cfg: ModelConfig, tokenizer) -> nn.Module:
-    from model.modeling import SconeModel
-
-    return SconeModel.from_model_config(cfg, vocab_size=len(tokenizer))
-
-
-def _scone_load(path: Path) -> nn.Module:
-    from model.modeling import SconeModel
-
-    return SconeModel.from_pretrained(str(path))
-
-
-def _scone_tokenizer(path: Path | None):
-    from model.tokenizer import build_tokenizer, load_tokenizer
-
-    return build_tokenizer() if path is None else load_tokenizer(path)
-
-
-def _scone_examples(rows):
-    from model.batching import examples_from_rows
-
-    return examples_from_rows(rows)
-
-
-def _scone_collate(examples, tokenizer, cfg):
-    from model.batching import collate
-
-    return collate(examples, tokenizer, cfg)
-
-
-SCONE = ModelFamily(_scone_build, _scone_load, _scone_tokenizer, _scone_examples, _scone_collate)
-
-
 def resolve_family(spec: str) -> ModelFamily:
     module, _, attr = spec.partition(":")
     if not module or not attr:
@@ -127,8 +97,8 @@ class StageLoss(nn.Module):
         self.bridge = bridge
         self.und_loss_weight = und_loss_weight
         self.bridge_straight_through = bridge_straight_through
-        # Families whose config carries no bridge settings (BAGEL: a release's config) take params' model.bridge
-        # per call; the Scone model has them in its own config (with_runtime_settings) and no such argument.
+        # A release's config carries no bridge settings, so BAGEL takes params' model.bridge per call; a family
+        # without the argument (the trainer tests' fake) has no bridge settings to take.
         takes = bridge and "bridge_config" in inspect.signature(model.training_loss).parameters
         self.bridge_config = bridge_config if takes else None
 
@@ -241,7 +211,9 @@ def finished_summary(out_dir: str | Path) -> dict | None:
     return None
 
 
-def _to_device(batch: dict, device, dtype: torch.dtype) -> dict:
+def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
+    """A collated batch's tensors on `device`, floating ones in `dtype`; its other entries (sample layouts,
+    settings) as they are."""
     out = {}
     for k, v in batch.items():
         if torch.is_tensor(v):
@@ -455,7 +427,8 @@ def train_stage(
 ) -> dict:
     """Train one stage on the ranks of the current process group (or alone) and return its summary.
 
-    `init_checkpoint`: a checkpoint directory (the previous stage's out_dir) or None for fresh weights.
+    `init_checkpoint`: a checkpoint directory (the previous stage's out_dir, or for BAGEL's first stage the release
+    directory) or None for the family's fresh weights (BAGEL has none without a release's tokenizer).
     """
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -490,9 +463,6 @@ def train_stage(
                                                                               precision=precision))
     else:
         model = family.load(init_checkpoint) if init_checkpoint else family.build(model_cfg, tokenizer)
-    follow_params = getattr(getattr(model, "config", None), "with_runtime_settings", None)
-    if init_checkpoint and follow_params is not None:  # families without the hook keep their saved config
-        model.config = follow_params(model_cfg)
     trainable = apply_freezing(model, stage)
     if train.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -555,7 +525,7 @@ def train_stage(
                 seed = noise_seed(train.seed, step, sharding.chunk(micro))
                 torch.manual_seed(seed)  # covers any randomness the model draws outside the generator
                 gen = torch.Generator(device=eng.device).manual_seed(seed)
-                out = eng(_to_device(batches.micro_batch(micro), eng.device, dtype), generator=gen)
+                out = eng(to_device(batches.micro_batch(micro), eng.device, dtype), generator=gen)
                 eng.backward(out["loss"])
                 eng.step()
                 losses += torch.stack([out[k].detach().double() for k in ("loss", "fm_loss", "und_loss")])

@@ -1,6 +1,7 @@
 """Checkpoints as MLflow models: each version is a logged model with a pyfunc flavour over the generation pipeline.
 
-`register_checkpoint` logs the checkpoint (`model.safetensors`, `config.json`, tokenizer files) as the `checkpoint`
+`register_checkpoint` logs the checkpoint (a BAGEL release directory: llm/vit configs, the weights, `ae.safetensors`,
+tokenizer files, the stage's `config.json` marker and metrics; model.bagel.release) as the `checkpoint`
 artifact of an MLflow model from code (`registry/pyfunc_model.py`: nothing pickled), with an explicit signature,
 an input example and the sampling settings its scores were measured with as `model_config`; the version is then
 created from that logged model (`models:/<model_id>`), so `mlflow.pyfunc.load_model("models:/scone-tiny@champion")`
@@ -36,7 +37,8 @@ TAG_EVAL_SUMMARY = "scone.eval_summary"  # older versions named their summary fi
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 EVAL_ARTIFACT_PATH = "eval"
 LOGGED_MODEL_NAME = "scone-pipeline"
-REQUIRED_CHECKPOINT_FILES = ("config.json",)  # plus weights: one or more *.safetensors (sharded or not)
+# The architecture files of a BAGEL release directory (model.pipeline.RELEASE_MARKERS; a test keeps them equal).
+RELEASE_CONFIGS = ("llm_config.json", "vit_config.json")
 # Provenance copied from the run onto the version.
 _RUN_TAGS_TO_VERSION = (TAG_STAGE, TAG_KIND, TAG_GIT_COMMIT, TAG_GIT_DIRTY, TAG_DATA_HASH)
 SOURCE_TAGS_FALLBACK = {"mlflow.source.name": "scone register", "mlflow.source.type": "LOCAL"}
@@ -147,6 +149,18 @@ def _cwd_relative(path: Path) -> str:
         return path.relative_to(Path.cwd().absolute()).as_posix()
     except ValueError:
         return str(path)
+
+
+def missing_release_parts(checkpoint_dir: Path) -> list[str]:
+    """What `checkpoint_dir` lacks of a release directory (the architecture files, safetensors weights); [] when
+    it has them. Checked before anything is logged, so a folder the pipeline cannot load never becomes a version.
+    By file names only: the report step imports this module, and model code here would make every model change
+    re-run the report (tests/test_freshness_deps.py); which weights file is the model is model.bagel.release's
+    to decide when the pipeline loads it."""
+    missing = [name for name in RELEASE_CONFIGS if not (checkpoint_dir / name).is_file()]
+    if not any(checkpoint_dir.glob("*.safetensors")):
+        missing.append("*.safetensors weights")
+    return missing
 
 
 @contextmanager
@@ -271,14 +285,17 @@ def register_checkpoint(
     from registry.pyfunc_io import DEFAULT_SAMPLING, SAMPLING_KEYS
 
     checkpoint_dir = Path(checkpoint_dir)
-    missing = [f for f in REQUIRED_CHECKPOINT_FILES if not (checkpoint_dir / f).is_file()]
-    if not list(checkpoint_dir.glob("*.safetensors")):
-        missing.append("*.safetensors weights")
+    missing = missing_release_parts(checkpoint_dir)
     if missing:
         raise FileNotFoundError(
             f"checkpoint {checkpoint_dir} lacks {', '.join(missing)}; register a finished stage's checkpoint folder"
         )
     settings = {**DEFAULT_SAMPLING, **{k: v for k, v in (sampling or {}).items() if k in SAMPLING_KEYS}}
+    if settings["bridge"] and not (pipeline or {}).get("bridge"):
+        # a release stores no bridge settings: such a version would fail every request (MLflow only warns when
+        # its input example fails at logging)
+        raise ValueError("sampling with bridge=True needs the pipeline's bridge settings: pass "
+                         "pipeline=model.pipeline.pipeline_settings(params.model)")
     client = tracker.client
     run = client.get_run(run_id)
     fresh = {k: v for k, v in metrics.items() if k not in run.data.metrics}

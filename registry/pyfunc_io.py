@@ -101,9 +101,11 @@ def signature(sampling: Mapping[str, Any]):
 
 
 def image_size(checkpoint_dir: Path) -> int:
+    """The side of a release's images when no pipeline settings name one: its ViT's (`vit_config.json`), the side
+    model.pipeline generates at by default; 32 (the subject world's) when unreadable."""
     try:
-        return int(json.loads((Path(checkpoint_dir) / "config.json").read_text()).get("image_size", 32))
-    except (OSError, ValueError, AttributeError):
+        return int(json.loads((Path(checkpoint_dir) / "vit_config.json").read_text()).get("image_size", 32))
+    except (OSError, ValueError, AttributeError, TypeError):
         return 32
 
 

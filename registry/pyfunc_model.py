@@ -2,8 +2,8 @@
 
 Logged as a model from code (`mlflow.pyfunc.log_model(python_model=<this file>, ...)`): MLflow stores this file
 as the model's code and runs it at load time; `set_model` below names the model. Nothing is pickled: the weights
-are the checkpoint folder (safetensors + config + tokenizer) logged as the `checkpoint` artifact, the sampling
-settings are the model_config, and the classes come from the installed `scone-ops` package.
+are the checkpoint's release directory (configs, safetensors, tokenizer) logged as the `checkpoint` artifact, the
+sampling and pipeline settings are the model_config, and the classes come from the installed `scone-ops` package.
 
     model = mlflow.pyfunc.load_model("models:/scone-tiny@champion")
     model.predict(pd.DataFrame({"instruction": ["..."], "reference_images": [[b64_png, ...]]}))  # -> `image`

@@ -61,13 +61,9 @@ def train_step(params, stage_name: str) -> dict:
     return summary
 
 
-def _init_and_family(params, stage, paths: Paths) -> tuple[Path | None, str]:
-    """Where a stage starts and which model family trains it: a BAGEL stage without a previous stage starts from
-    the release directory (the chain's own, or model.release); the scratch model starts from fresh weights."""
-    from model.train import DEFAULT_FAMILY
-
-    if params.model.family == "scratch":
-        return (paths.checkpoint(stage.init_from) if stage.init_from else None), DEFAULT_FAMILY
+def _init_and_family(params, stage, paths: Paths) -> tuple[Path, str]:
+    """Where a stage starts: the previous stage's checkpoint, or for the first stage the release directory (the
+    chain's own, or model.release); and the model family that trains it."""
     from model.bagel.release import FAMILY_SPEC
 
     init = paths.checkpoint(stage.init_from) if stage.init_from else paths.release(params)

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
     "data": {"sizes": {"base": 24, "multi_candidate": 24, "bench_per_task": 2, "srum_prompts": 7, "mico": 9, "mige_edit": 4,
                        "t2i_pretrain": 14}},
+    # the release the chain starts from: a tokenizer, a briefly trained autoencoder, fresh weights
+    "model": {"bootstrap": {"autoencoder": {"steps": 4, "batch_size": 4}}},
     "train": {"micro_batch": 4, "save_every": 2, "stages": {
         "stage1_step1": {"steps": 6, "warmup_steps": 1},
         "stage1_step2": {"steps": 3, "warmup_steps": 0},

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 import model.bagel.qwen2_mot as qwen2_mot
 from model.bagel import family as fam
-from model.bagel.bridge import BridgeHook, hard_bias, layout_of
+from model.bagel.bridge import BridgeHook, BridgeLayout, Reference, hard_bias, key_relevance, layout_of, relevance, \
+    resize, soft_bias
 from model.bagel.parity import load_image
-from model.config import BridgeConfig, ModelConfig
+from model.config import BridgeConfig, ModelConfig, StageConfig
 from model.train import StageLoss
 
 FIXTURE = Path(__file__).parent / "data" / "bagel-tiny"
@@ -117,6 +119,96 @@ def test_s_at_tau_is_kept_and_below_is_masked():
     s = torch.tensor([tau - 1e-6, tau, tau + 1e-6, -1.0])
     covered = torch.tensor([True, True, True, False])
     assert hard_bias(s, covered, tau).tolist() == [float("-inf"), 0.0, 0.0, 0.0]
+
+
+# ---- Eq. 1-4 by hand ----
+
+def _bilinear(grid: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize with half-pixel centres (align_corners=False), written out by hand."""
+    in_h, in_w = grid.shape
+    out = np.zeros((out_h, out_w))
+    for i in range(out_h):
+        y = max((i + 0.5) * in_h / out_h - 0.5, 0.0)
+        y0 = min(int(math.floor(y)), in_h - 1)
+        y1, wy = min(y0 + 1, in_h - 1), y - y0
+        for j in range(out_w):
+            x = max((j + 0.5) * in_w / out_w - 0.5, 0.0)
+            x0 = min(int(math.floor(x)), in_w - 1)
+            x1, wx = min(x0 + 1, in_w - 1), x - x0
+            top = (1 - wx) * grid[y0, x0] + wx * grid[y0, x1]
+            bottom = (1 - wx) * grid[y1, x0] + wx * grid[y1, x1]
+            out[i, j] = (1 - wy) * top + wy * bottom
+    return out
+
+
+def _hand_layout():
+    """A 120-token sequence: reference 0 (4x4 ViT grid, 8x8 latent grid), reference 1 (3x5 ViT, 6x4 latent), then
+    a 6-token instruction; positions scattered so that nothing depends on adjacency."""
+    order = torch.randperm(120, generator=torch.Generator().manual_seed(0))
+    take = iter(np.split(order.numpy(), np.cumsum([16, 64, 15, 24, 6])))
+    refs = tuple(Reference(torch.from_numpy(next(take)), vg, torch.from_numpy(next(take)), lg)
+                 for vg, lg in (((4, 4), (8, 8)), ((3, 5), (6, 4))))
+    return BridgeLayout(torch.from_numpy(next(take)), refs, torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.5])
+def test_relevance_and_mask_match_a_per_reference_loop_of_eq_1_to_4(tau):
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randn(16, generator=g)  # a common direction spreads the cosines around the threshold
+    h = torch.randn(120, 16, generator=g) + 0.8 * shared
+    layout = _hand_layout()
+    s = relevance(h, layout)
+    at, covered = key_relevance(s, layout, 120)
+    bias = hard_bias(at, covered, tau)
+    text = h[layout.instruction].double()
+    text = text / text.norm(dim=-1, keepdim=True)  # Eq. 1
+    expect_bias = np.zeros(120)
+    for k, ref in enumerate(layout.references):
+        vit = h[ref.vit].double()
+        vit = vit / vit.norm(dim=-1, keepdim=True)  # Eq. 1
+        s_k = (vit @ text.T).mean(dim=1).numpy()  # Eq. 2-3: the mean over the instruction of N_v x N_t cosines
+        np.testing.assert_allclose(s[k].numpy(), s_k, atol=1e-6)
+        s_lat = _bilinear(s_k.reshape(ref.vit_grid), *ref.latent_grid).reshape(-1)
+        np.testing.assert_allclose(at[ref.latent].numpy(), s_lat, atol=1e-6)
+        expect_bias[ref.vit.numpy()] = np.where(s_k >= tau, 0.0, -np.inf)  # Eq. 4
+        expect_bias[ref.latent.numpy()] = np.where(s_lat >= tau, 0.0, -np.inf)
+    # compare away from the threshold itself, where float rounding may legitimately flip a token
+    decided = np.abs(at.numpy() - tau) > 1e-6
+    assert np.array_equal(bias.numpy()[decided], expect_bias[decided])
+    # the case is not trivial: kept and masked tokens on both grids; the instruction's own columns never masked
+    ref_cols = torch.cat([torch.cat([r.vit, r.latent]) for r in layout.references])
+    assert covered.sum() == len(ref_cols) and not covered[layout.instruction].any()
+    assert (bias[ref_cols] == 0).sum() > 5 and torch.isinf(bias[ref_cols]).sum() > 5
+    assert (bias[layout.instruction] == 0).all()
+
+
+def test_relevance_resize_is_bilinear_half_pixel():
+    s = torch.arange(16.0)
+    ours = resize(s, (4, 4), (8, 8)).reshape(8, 8).numpy()
+    assert np.allclose(ours, _bilinear(np.arange(16.0).reshape(4, 4), 8, 8))
+    wide = resize(torch.arange(15.0), (3, 5), (6, 4)).reshape(6, 4).numpy()
+    assert np.allclose(wide, _bilinear(np.arange(15.0).reshape(3, 5), 6, 4))
+
+
+def test_soft_bias_is_log_sigmoid_of_the_scaled_margin_on_reference_keys_only():
+    s = torch.tensor([0.9, 0.5, -0.5, 0.0, 0.7])
+    covered = torch.tensor([True, True, True, True, False])
+    soft = soft_bias(s, covered, tau=0.5, temperature=0.25)
+    expected = [math.log(1 / (1 + math.exp(-(x - 0.5) / 0.25))) for x in (0.9, 0.5, -0.5, 0.0)] + [0.0]
+    assert torch.allclose(soft, torch.tensor(expected), atol=1e-5)
+    # the hard mask keeps exactly the reference tokens whose surrogate is at or above log(1/2)
+    hard = hard_bias(s, covered, 0.5)
+    assert torch.equal(hard == 0, (soft >= math.log(0.5)) | ~covered)
+
+
+def test_soft_bias_tends_to_the_hard_mask_and_does_not_saturate_below_tau():
+    covered = torch.ones(2, dtype=torch.bool)
+    cold = soft_bias(torch.tensor([0.95, 0.2]), covered, tau=0.9, temperature=1e-3)
+    assert cold[0] > -1e-6 and cold[1] < -600  # kept ~ 0, masked ~ -inf
+    # d bias / d s at s = 0.2, far below tau: ~ 1 / T (log-sigmoid is linear there), so a masked token can open
+    s = torch.tensor([0.95, 0.2], requires_grad=True)
+    soft_bias(s, covered, tau=0.9, temperature=0.1).sum().backward()
+    assert abs(float(s.grad[1]) - 10 * (1 - 1 / (1 + math.exp(7)))) < 1e-4 and float(s.grad[1]) > 9.9
 
 
 # ---- structure: references never see the instruction, cached == uncached ----
@@ -404,3 +496,42 @@ def test_hook_without_targets_changes_no_mask(model, refs, ids):
     hook = BridgeHook.from_config(_cfg(1.0), [sample], model.special, 4)
     masks = [sample.attention_mask()]
     assert hook.before_layer(2, masks) == (masks, None)
+
+
+def test_straight_through_is_ignored_without_the_bridge(trainer, tok):
+    batch = fam.collate(fam.examples_from_rows(_rows(2)), tok, ModelConfig())
+    with torch.no_grad():
+        plain = trainer.training_loss(batch, generator=torch.Generator().manual_seed(3))
+        switched = trainer.training_loss(batch, bridge=False, bridge_straight_through=True, bridge_config=_cfg(1.0),
+                                         generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plain["loss"], switched["loss"])
+
+
+def test_bridge_and_straight_through_settings_validate():
+    with pytest.raises(ValidationError, match="bridge_straight_through"):
+        StageConfig(datasets=["x"], steps=1, lr=1e-3, bridge_straight_through=True)
+    assert StageConfig(datasets=["x"], steps=1, lr=1e-3, bridge=True, bridge_straight_through=True).bridge
+    with pytest.raises(ValidationError):
+        BridgeConfig(soft_temperature=0.0)
+    with pytest.raises(ValidationError, match="early_layer < apply_until"):
+        BridgeConfig(early_layer=2, apply_until=2)
+    # params' bridge against the layers of the release the chain makes (the preset's); a given release is the
+    # model's to check (test_layouts_the_bridge_cannot_read_are_refused)
+    with pytest.raises(ValidationError, match="early_layer < apply_until < num_layers=4"):
+        ModelConfig(bridge=_cfg(0.5, early=1, until=4))
+    assert ModelConfig(preset="bagel-7b", bridge=_cfg(0.5, early=8, until=16)).bridge.apply_until == 16
+    assert ModelConfig(release="/releases/scone", bridge=_cfg(0.5, early=8, until=16)).release
+
+
+def test_stage_loss_passes_the_straight_through_switch_only_when_set():
+    seen = []
+
+    class Fake(torch.nn.Module):
+        def training_loss(self, batch, **kw):
+            seen.append(kw)
+            return {}
+
+    StageLoss(Fake(), bridge=True, und_loss_weight=0.1, bridge_straight_through=True)({})
+    StageLoss(Fake(), bridge=True, und_loss_weight=0.1)({})  # families without the knob keep working
+    assert seen[0]["bridge_straight_through"] is True and "bridge_straight_through" not in seen[1]
+    assert seen[0]["bridge"] is True and seen[1]["und_loss_weight"] == 0.1

@@ -12,7 +12,7 @@ from model.bagel.generate import generate, sample_latents, yes_no_ids, yes_proba
 from model.bagel.model import BagelModel
 from model.batching import Example
 from model.config import BridgeConfig
-from model.sampler import case_noise
+from model.scheduler import case_noise
 
 SIDE = 32  # the tiny preset's side for the subject world's 32 px images
 
@@ -66,6 +66,18 @@ def test_one_step_matches_the_models_velocity_and_the_training_conditions(model,
     for i, case in enumerate(cases):
         torch.testing.assert_close(got[i], _expected_one_step(model, case, i, 11, *cfg), atol=1e-5, rtol=1e-5)
     assert got[0].shape == (4, 8, 8) and not torch.allclose(got[0], got[1], atol=1e-2)
+
+
+def test_euler_integrates_from_noise_to_image(model, monkeypatch):
+    import model.bagel.generate as generate_module
+
+    # a constant velocity field v = 0.5 of every pass: whatever the guidance, x(0) = x(1) - 0.5 after any steps
+    monkeypatch.setattr(generate_module, "_velocities",
+                        lambda m, samples, past, bridge: torch.full((64 * len(samples), m.config.patch_latent_dim), 0.5))
+    out = sample_latents(model, TOK, _cases(2), steps=5, cfg_text=3.0, cfg_image=1.5, seed=7, timestep_shift=2.0)
+    for i, latent in enumerate(out):
+        expect = model.tokens_to_latent(case_noise(7, i, (64, model.config.patch_latent_dim)) - 0.5, 8, 8)
+        torch.testing.assert_close(latent, expect, atol=1e-6, rtol=0)
 
 
 def test_cached_equals_uncached(model):

@@ -19,9 +19,10 @@ import model.bagel.parity as parity
 from data.formats.scone_s2i import write_rows
 from model.bagel import family as fam
 from model.bagel.release import Release, load_release
+from model.batching import Example
 from model.config import ModelConfig, StageConfig, TrainConfig
 from model.launch import run_stage
-from model.train import train_stage
+from model.train import apply_freezing, train_stage
 
 FIXTURE = Path(__file__).parent / "data" / "bagel-tiny"
 SPEC = fam.FAMILY_SPEC
@@ -113,6 +114,10 @@ def test_packed_training_forward_equals_the_inference_methods():
         assert out["labels"].tolist() == [*batch["qa"][0]["answer"], tok.special.eos] * 2
     loss = m.training_loss(batch, bridge=False, und_loss_weight=0.1, generator=torch.Generator().manual_seed(0))
     assert all(torch.isfinite(v.detach()) for v in loss.values()) and float(loss["und_loss"].detach()) > 0
+    quarter = m.training_loss(batch, und_loss_weight=0.25, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(quarter["fm_loss"], loss["fm_loss"])  # eval mode and the same generator: the same draws
+    assert quarter["loss"].item() == pytest.approx(quarter["fm_loss"].item() + 0.25 * quarter["und_loss"].item(),
+                                                   rel=1e-6)
     with pytest.raises(ValueError, match="bridge"):
         m.training_loss(batch, bridge=True, und_loss_weight=0.1)
 
@@ -137,6 +142,39 @@ def test_every_trainable_weight_gets_a_gradient_whatever_the_batch_holds():
     loss["loss"].backward()
     assert all(p.grad is not None for p in trainable)
     assert float(m.bagel.connector.fc1.weight.grad.abs().sum()) == 0.0  # present, and zero
+
+
+def test_gradients_follow_the_freezing_and_the_generation_loss_reaches_the_understanding_expert():
+    """Stage II step 1 trains the understanding expert alone: the flow-matching loss reaches it through the shared
+    attention (target tokens attend to the text and ViT tokens it computes); nothing reaches the frozen parts."""
+    tok = fam.tokenizer(FIXTURE / "release")
+    m = fam.load(FIXTURE / "release").eval()
+    batch = fam.collate(fam.examples_from_rows([dict(r, qa=None) for r in _rows(2)]), tok, ModelConfig())
+    apply_freezing(m, StageConfig(datasets=["x"], steps=1, lr=1e-3, train_generation=False))
+    out = m.training_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert float(out["und_loss"]) == 0.0  # no question: the generation loss alone
+    out["loss"].backward()
+    assert all(p.grad is None for p in m.expert_parameters("generation"))
+    assert all(p.grad is None for p in (*m.bagel.vit_model.parameters(), *m.bagel.ae.parameters()))
+    grads = {n: p.grad for n, p in m.bagel.named_parameters() if p.grad is not None}
+    layer = "language_model.model.layers"
+    for name in (f"{layer}.3.self_attn.k_proj.weight", f"{layer}.0.self_attn.v_proj.weight", "connector.fc2.weight",
+                 "language_model.model.embed_tokens.weight"):
+        assert grads[name].abs().sum() > 0, name
+    assert float(grads["language_model.lm_head.weight"].abs().sum()) == 0.0  # runs with weight 0, learns nothing
+
+
+def test_collate_needs_a_target_and_keeps_the_first_max_references():
+    tok = fam.tokenizer(FIXTURE / "release")
+    ex = fam.examples_from_rows(_rows(1))[0]
+    three = Example(refs=[ex.refs[0], ex.refs[0][::-1], ex.refs[0][:, ::-1]], instruction=ex.instruction,
+                    target=ex.target)
+    batch = fam.collate([three], tok, ModelConfig(max_references=2))
+    assert batch["samples"][0]["refs"] == [0, 1] and batch["samples"][0]["target"] == 2
+    assert batch["pixels"].shape == (3, 3, 112, 112)
+    torch.testing.assert_close(batch["pixels"][1], fam._pixels(three.refs[1], 112))
+    with pytest.raises(ValueError, match="target"):
+        fam.collate([Example(refs=ex.refs, instruction="x")], tok, ModelConfig())
 
 
 def test_build_gives_fresh_tiny_weights_that_save_as_a_release(tmp_path):

@@ -86,21 +86,19 @@ def test_runner_rejects_bad_generators_and_empty_benchmarks(tmp_path):
 
 
 @pytest.mark.slow
-def test_untrained_checkpoint_end_to_end(tmp_path):
-    """Benchmark folder + saved tiny checkpoint -> the whole evaluation, as the flows run it."""
+def test_untrained_checkpoint_end_to_end(bagel_release, tmp_path):
+    """Benchmark folder + a tiny release (fresh weights) -> the whole evaluation, as the flows run it."""
     from data.build import bench_cases
     from data.config import DataConfig
     from data.formats.sconeeval import write_bench
     from evaluation.runner import evaluate_checkpoint_dir
     from model.config import ModelConfig
-    from model.modeling import SconeModel, save_checkpoint
-    from model.tokenizer import build_tokenizer
+    from model.pipeline import pipeline_settings
 
     write_bench(bench_cases(DataConfig(sizes={"bench_per_task": 1})), tmp_path / "bench")
-    tok = build_tokenizer()
-    save_checkpoint(SconeModel.from_model_config(ModelConfig(), vocab_size=len(tok)), tok, tmp_path / "ckpt")
     cfg = EvalConfig(rounds=1, scorings=2, sampling={"steps": 2, "batch_size": 4})
-    s = evaluate_checkpoint_dir(tmp_path / "ckpt", tmp_path / "bench", tmp_path / "out", cfg, model_name="tiny")
+    s = evaluate_checkpoint_dir(bagel_release, tmp_path / "bench", tmp_path / "out", cfg, model_name="tiny",
+                                pipeline_settings=pipeline_settings(ModelConfig()))
     assert s["groups"] == 2 and s["missing_task_types"] == [] and s["n_cases"] == 6
     assert 0.0 <= s["average"]["Overall"] <= 10.0 and s["average"]["COM"] < 5.0  # noise is no composition
     assert len(list((tmp_path / "out" / "tiny" / "images_try1").glob("*/*.png"))) == 6

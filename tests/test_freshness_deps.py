@@ -82,7 +82,7 @@ def test_stage_deps_cover_the_code_its_step_imports(name, stage):
 def test_the_closure_follows_function_level_imports():
     # tasks.evaluate imports evaluation.runner inside its function; the sampler comes in through it
     code = import_closure("tasks.evaluate")
-    assert Path("evaluation/runner.py") in code and Path("model/sampler.py") in code
+    assert Path("evaluation/runner.py") in code and Path("model/bagel/generate.py") in code
     # it logs to the checkpoint's MLflow run, but the gate and the model registry are not its code
     assert Path("registry/tracking.py") in code
     assert not ({Path("registry/gate.py"), Path("registry/models.py")} & code)

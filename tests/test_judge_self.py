@@ -3,14 +3,12 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 
 from data.instructions import VOCABULARY, describe, qa_position, qa_there
 from data.records import Case
 from data.render import render_array
 from data.scene import CHARACTER_CATEGORIES, COLOURS, OBJECT_CATEGORIES, TEXTURES, Placement, Scene, Subject
 from data.world import slot_bbox
-from model.pipeline import ScratchPipeline
 from evaluation.config import EvalConfig
 from evaluation.judges import Judge, make_judge
 from evaluation.judges.self import Desc, SelfJudge, lift
@@ -20,25 +18,19 @@ from test_eval_oracle import BLUE, YELLOW, distinction_case
 WORDS = set(VOCABULARY)
 
 
-class FakeUnderstanding:
-    """yes_probability stand-in: P(yes) by question (0.5 when not listed), recording every call."""
+class FakePipeline:
+    """A pipeline whose understanding answers P(yes) by question (0.5 when not listed), recording every call."""
 
     def __init__(self, answers):
         self.answers, self.calls = answers, []
 
-    def __call__(self, model, tokenizer, images, questions):
+    def yes_probability(self, images, questions):
         assert len(images) == len(questions)
         for q in questions:
             unknown = [w for w in q.split() if w not in WORDS]
-            assert not unknown, f"{q!r}: {unknown} are not in the tokenizer's vocabulary"
+            assert not unknown, f"{q!r}: {unknown} are not in the vocabulary the chain's tokenizer is trained on"
         self.calls.append(list(questions))
         return np.array([self.answers.get(q, 0.5) for q in questions])
-
-
-def fake(monkeypatch, answers) -> FakeUnderstanding:
-    f = FakeUnderstanding(answers)
-    monkeypatch.setattr("model.understand.yes_probability", f)
-    return f
 
 
 def placed_case():
@@ -69,10 +61,10 @@ def test_lift():
     assert lift(0.5, 0.5) == 0.0 and lift(0.1, 0.6) == 0.0 and lift(1.0, 0.0) == 1.0 and lift(1.0, 1.0) == 0.0
 
 
-def test_distinction_case_hand_computed(monkeypatch):
+def test_distinction_case_hand_computed():
     # d1: wanted the striped red circle (image 1), distractor green triangle, scene from image 2 (beach).
     # counterfactuals: colour blue (first unused), texture plain, category square (first unused object)
-    f = fake(monkeypatch, {
+    f = FakePipeline({
         "is there a striped red circle": 0.9,
         "is there a striped red square": 0.2,   # another kind
         "is there a striped blue circle": 0.3,  # another colour
@@ -82,7 +74,7 @@ def test_distinction_case_hand_computed(monkeypatch):
         "is this at the beach": 0.8,
         "is this in the forest": 0.2,
     })
-    judge = SelfJudge(ScratchPipeline(None, None))
+    judge = SelfJudge(f)
     assert isinstance(judge, Judge) and judge.deterministic
     case = distinction_case()
     image = render_array(case.target)
@@ -100,8 +92,8 @@ def test_distinction_case_hand_computed(monkeypatch):
     assert f.calls[1:] == [["is there a blue triangle"]]  # everything else was answered already
 
 
-def test_positions_and_a_background_named_in_words(monkeypatch):
-    fake(monkeypatch, {
+def test_positions_and_a_background_named_in_words():
+    f = FakePipeline({
         "is there a person in dotted blue": 1.0,
         "is there a robot in dotted blue": 0.0,
         "is the person in dotted blue on the left": 0.9,
@@ -115,7 +107,7 @@ def test_positions_and_a_background_named_in_words(monkeypatch):
     })
     case = placed_case()
     assert qa_position(BLUE, "left") == "is the person in dotted blue on the left"  # the trained wording
-    pf, sc, _ = SelfJudge(ScratchPipeline(None, None)).composition(case, render_array(case.target))
+    pf, sc, _ = SelfJudge(f).composition(case, render_array(case.target))
     person = 0.4 * 1.0 + 0.6 * (0.9 - 0.1) / 0.9
     square = 0.4 * 0.0 + 0.6 * (0.6 - 0.2) / 0.8
     background = 0.75 + 0.25 * (0.75 - 0.5) / 0.5
@@ -125,50 +117,43 @@ def test_positions_and_a_background_named_in_words(monkeypatch):
     assert sc == pytest.approx(10 * (person_sc + 0.0) / 2)
 
 
-def test_phrases_stand_in_when_the_benchmark_has_no_scenes(monkeypatch):
-    f = fake(monkeypatch, {"is there a red circle": 0.8, "is there a blue circle": 0.1})
+def test_phrases_stand_in_when_the_benchmark_has_no_scenes():
+    f = FakePipeline({"is there a red circle": 0.8, "is there a blue circle": 0.1})
     d = distinction_case()
     case = Case(d.key, d.task_type, d.case_type, d.instruction, [None, None], None, d.subject_list, d.subject_label)
-    present, reason = SelfJudge(ScratchPipeline(None, None)).presence(case, 0, "the red circle", np.zeros((32, 32, 3), np.uint8))
+    present, reason = SelfJudge(f).presence(case, 0, "the red circle", np.zeros((32, 32, 3), np.uint8))
     assert present == 1 and "'is there a red circle' 0.80" in reason
-    pf, sc, _ = SelfJudge(ScratchPipeline(None, None)).composition(case, np.zeros((32, 32, 3), np.uint8))
+    pf, sc, _ = SelfJudge(f).composition(case, np.zeros((32, 32, 3), np.uint8))
     assert all(q.startswith("is there") for q in f.calls[-1])  # no target: nothing about positions or scenes
 
 
-def tiny_model():
-    from model.config import BridgeConfig, ModelConfig
-    from model.modeling import SconeModel
-    from model.tokenizer import build_tokenizer
+def test_a_model_without_preference_gives_no_credit_and_the_factory_loads_checkpoints(bagel_release, tmp_path):
+    # a release whose LM head is zero answers 0.5 to everything: every lift is 0, nothing is present. (The toy
+    # model's fresh head was zero; BAGEL's fresh LM head is random, so the release is edited to have none.)
+    from model.pipeline import load_pipeline
+    from release_edit import LM_HEAD, copy_with_weights, zeros
 
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, image_size=32, vit_patch=8, latent_patch=4,
-                      max_text_len=24, bridge=BridgeConfig(early_layer=0, apply_until=1))
-    return SconeModel.from_model_config(cfg, vocab_size=len(tok)), tok
-
-
-def test_fresh_model_gives_no_credit_and_the_factory_loads_checkpoints(tmp_path):
-    # a fresh model's LM head answers 0.5 to everything: every lift is 0, nothing is present
-    from model.modeling import save_checkpoint
-
-    model, tok = tiny_model()
-    save_checkpoint(model, tok, tmp_path / "ckpt")
-    judge = make_judge("self", EvalConfig(judge="self"), checkpoint_dir=tmp_path / "ckpt")
+    ckpt = copy_with_weights(bagel_release, tmp_path / "ckpt", {LM_HEAD: zeros})
+    judge = make_judge("self", EvalConfig(judge="self"), checkpoint_dir=ckpt)
     assert isinstance(judge, SelfJudge) and judge.concurrency == 1
     case = distinction_case()
     image = render_array(case.target)
     pf, sc, _ = judge.composition(case, image)
     assert pf == pytest.approx(0.0, abs=1e-6) and sc == pytest.approx(0.0, abs=1e-6)
     assert judge.presence(case, 0, "the red circle", image)[0] == 0
-    assert make_judge("self", EvalConfig(judge="self"), model=model, tokenizer=tok).pipeline.model is model
+    assert judge.ask(image, ["is there a red circle"])["is there a red circle"] == pytest.approx(0.5, abs=1e-6)
+    # the release as made (a random LM head) has preferences: the zero answers above are the edited head's
+    fresh = load_pipeline(bagel_release)
+    assert abs(float(fresh.yes_probability([image], ["is there a red circle"])[0]) - 0.5) > 1e-3
+    assert make_judge("self", EvalConfig(judge="self"), pipeline=fresh).pipeline is fresh
     with pytest.raises(ValueError, match="checkpoint_dir"):
         make_judge("self", EvalConfig(judge="self"))
 
 
-def test_runner_asks_a_deterministic_self_judge_once_per_round(monkeypatch, tmp_path):
-    f = fake(monkeypatch, {"is there a striped red circle": 1.0, "is there a striped red square": 0.0})
+def test_runner_asks_a_deterministic_self_judge_once_per_round(tmp_path):
+    f = FakePipeline({"is there a striped red circle": 1.0, "is there a striped red square": 0.0})
     case = distinction_case()
     s = evaluate_checkpoint(lambda ex, seed: [render_array(case.target)], [case], tmp_path, "m",
-                            EvalConfig(judge="self", rounds=1, scorings=3), SelfJudge(ScratchPipeline(None, None)))
+                            EvalConfig(judge="self", rounds=1, scorings=3), SelfJudge(f))
     assert s["groups"] == 3 and len(f.calls) == 2  # composition batch + the distractor's colour contrast
     assert qa_there(case.references[0].placements[0].subject) in f.calls[0]

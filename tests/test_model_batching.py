@@ -1,4 +1,5 @@
-"""Scone-S2I rows -> examples -> padded batches."""
+"""Scone-S2I rows -> examples; images between uint8 arrays and the model's [-1, 1] tensors (model.batching).
+Collating examples into a packed batch is the family's (test_bagel_train)."""
 import io
 import json
 
@@ -7,11 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.batching import Example, collate, examples_from_rows
-from model.config import ModelConfig
-from model.tokenizer import build_tokenizer
-
-CFG = ModelConfig(max_text_len=6)
+from model.batching import decode_image, examples_from_rows, square_image, to_uint8
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -43,37 +40,28 @@ def test_rows_decode_to_examples_with_one_question():
         examples_from_rows([{"image": [], "instruction": "x"}])
 
 
-def test_collate_pads_references_and_text():
-    tok = build_tokenizer(["put", "the", "red", "circle", "is", "there", "a"])
-    v = tok.get_vocab()
-    examples = [
-        Example(refs=[_img(0)], instruction="put the red circle", target=_img(255), qa=[("is there a circle", "yes")]),
-        Example(refs=[_img(255), _img(0, size=48), _img(10)], instruction="put zebra the red circle on the beach",
-                target=_img(0)),
-    ]
-    b = collate(examples, tok, CFG)
-    assert b["ref_pixels"].shape == (2, 3, 3, 32, 32)
-    assert b["ref_mask"].tolist() == [[True, False, False], [True, True, True]]
-    assert bool((b["ref_pixels"][0, 0] == -1).all()) and bool((b["ref_pixels"][1, 0] == 1).all())
-    assert bool((b["ref_pixels"][0, 1:] == 0).all())  # padding
-    assert b["ref_pixels"][1, 1].shape == (3, 32, 32)  # a 48 px reference is resized
-    # [BOS] + words, truncated to max_text_len = 6, unknown words -> [UNK]
-    assert b["input_ids"][0].tolist() == [v["[BOS]"], v["put"], v["the"], v["red"], v["circle"], v["[PAD]"]]
-    assert b["input_ids"][1].tolist() == [v["[BOS]"], v["put"], v["[UNK]"], v["the"], v["red"], v["circle"]]
-    assert b["text_mask"].sum(1).tolist() == [5, 6]
-    assert b["target_pixels"].shape == (2, 3, 32, 32) and bool((b["target_pixels"][0] == 1).all())
-    assert b["qa_answer"].tolist() == [v["yes"], -100]
-    assert b["qa_ids"][0, :5].tolist() == [v["[BOS]"], v["is"], v["there"], v["a"], v["circle"]]
-    assert torch.equal(b["qa_pixels"], b["target_pixels"])
+def test_square_image_resizes_only_what_needs_it_and_checks_the_format():
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(square_image(img, 32, "x"), img)
+    big = square_image(_img(200, size=48), 32, "x")
+    assert big.shape == (32, 32, 3) and big.dtype == np.uint8 and (big == 200).all()
+    with pytest.raises(ValueError, match="reference 2: expected a uint8"):
+        square_image(np.zeros((32, 32, 3), np.float32), 32, "reference 2")
+    with pytest.raises(ValueError, match="uint8 H x W x 3"):
+        square_image(np.zeros((32, 32), np.uint8), 32, "x")
 
 
-def test_collate_rejects_bad_input():
-    tok = build_tokenizer(["a"])
-    with pytest.raises(ValueError, match="max_references"):
-        collate([Example(refs=[_img(0)] * 5, instruction="a", target=_img(0))], tok, CFG)
-    with pytest.raises(ValueError, match="target"):
-        collate([Example(refs=[_img(0)], instruction="a", target=_img(0)), Example(refs=[], instruction="a")], tok, CFG)
-    with pytest.raises(ValueError, match="uint8"):
-        collate([Example(refs=[np.zeros((32, 32, 3), np.float32)], instruction="a")], tok, CFG)
-    inference = collate([Example(refs=[], instruction="a")], tok, CFG)
-    assert "target_pixels" not in inference and inference["ref_pixels"].shape == (1, 0, 3, 32, 32)
+def test_to_uint8_inverts_the_unit_scaling_and_clips():
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    unit = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # what the family feeds the model
+    back = to_uint8(unit)
+    assert back.shape == (2, 8, 8, 3) and back.dtype == np.uint8 and np.array_equal(back, imgs)
+    assert to_uint8(torch.tensor([-3.0, 0.0, 3.0]).reshape(3, 1, 1)).ravel().tolist() == [0, 128, 255]
+
+
+def test_decode_image_takes_bytes_or_the_hugging_face_struct():
+    img = _img(7)
+    assert np.array_equal(decode_image(_png(img)), img) and np.array_equal(decode_image({"bytes": _png(img)}), img)
+    with pytest.raises(TypeError, match="encoded image bytes"):
+        decode_image("not bytes")

@@ -32,7 +32,9 @@ def test_pipeline_leaves_every_artifact(clone):
     names = ["stage1_step1", "stage1_step2", "stage2_step1", "stage2_step2", "srum_round1"]
     for name in names:
         ckpt = art / "checkpoints" / name
-        assert (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file(), name
+        # every checkpoint is a BAGEL release directory again: configs, weights, autoencoder, tokenizer
+        for f in ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors", "vocab.json"):
+            assert (ckpt / f).is_file(), (name, f)
         summary = json.loads((art / "scores" / name / name / "summary.json").read_text())
         assert 0.0 <= summary["average"]["Overall"] <= 10.0
         assert (art / "scores" / name / name / "score_try2").is_dir()  # 1 round x 2 scorings

@@ -13,6 +13,8 @@ from registry.models import (
 from registry.tracking import (
     TAG_DATA_HASH, TAG_KIND, TAG_STAGE, Tracker, dvc_data_hash, flatten_params, resolve_tracking_uri,
 )
+from bagel_release import copy_release
+from model.bagel.release import find_weights
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +28,12 @@ def _no_env_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A real (tiny) checkpoint: registration logs it as a pyfunc model and checks its input example on it."""
-    import torch
+def make_checkpoint(release: Path, path: Path, seed: int = 0) -> Path:
+    """A real (tiny) checkpoint, a release directory as a stage writes it (the tiny release, its velocity head
+    drawn from `seed`): registration logs it as a pyfunc model and checks its input example on it."""
+    from release_edit import VELOCITY_HEAD, copy_with_weights, random_normal
 
-    from model.config import ModelConfig
-    from model.modeling import SconeModel, save_checkpoint
-    from model.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(["put", "the", "red", "square", "on", "beach"])
-    torch.manual_seed(seed)
-    save_checkpoint(SconeModel.from_model_config(ModelConfig(hidden_size=32, num_layers=3, num_heads=2),
-                                                 vocab_size=len(tok)), tok, path)
+    copy_with_weights(release, path, {VELOCITY_HEAD: random_normal(0.1, seed)})
     (path / "global_step10").mkdir(exist_ok=True)  # resumable state: must not be registered
     (path / "global_step10" / "optim.pt").write_bytes(b"x" * 10)
     return path
@@ -96,12 +92,12 @@ def test_metrics_file_becomes_metric_history(tracker, tmp_path):
         tracker.log_metrics(run_id, {"name": "x"})
 
 
-def test_register_then_gate_promote_reject_promote(tracker, tmp_path):
+def test_register_then_gate_promote_reject_promote(tracker, bagel_release, tmp_path):
     model, gate, client = "gate-seq", GateConfig(min_overall=0.5, max_regression=0.0), tracker.client
     versions = []
     for i, (name, s) in enumerate([("stage1_step1", scores(5.0, 7.0)), ("stage1_step2", scores(4.0, 6.0)),
                                    ("stage2_step1", scores(6.0, 8.0))]):
-        ckpt = make_checkpoint(tmp_path / name, seed=i)
+        ckpt = make_checkpoint(bagel_release, tmp_path / name, seed=i)
         run_id = tracker.start_run(name, data_hash=f"data{i}")
         rv = register_checkpoint(tracker, run_id, ckpt, model, s, description=f"{name} checkpoint", sampling=FAST)
         tracker.end_run(run_id)
@@ -116,9 +112,10 @@ def test_register_then_gate_promote_reject_promote(tracker, tmp_path):
     src = Path(client.get_logged_model(v1.model_id).artifact_location.removeprefix("file://"))
     assert (src / "MLmodel").is_file()
     assert sorted(p.name for p in (src / "artifacts" / "checkpoint").iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    assert (src / "artifacts/checkpoint/model.safetensors").read_bytes() == \
-        (tmp_path / "stage1_step1" / "model.safetensors").read_bytes()
+        "ae.safetensors", "ae_params.json", "config.json", "ema.safetensors", "llm_config.json", "merges.txt",
+        "tokenizer.json", "tokenizer_config.json", "vit_config.json", "vocab.json"]
+    for weights in find_weights(tmp_path / "stage1_step1").files:  # the version's weights are stage1_step1's
+        assert (src / "artifacts/checkpoint" / weights.name).read_bytes() == weights.read_bytes()
     assert mv1.tags[TAG_STAGE] == "stage1_step1" and mv1.tags[TAG_DATA_HASH] == "data0"
     assert version_metrics(client, mv1)[SCONEEVAL_OVERALL] == 6.0
     assert client.get_run(v1.run_id).data.metrics[SCONEEVAL_OVERALL] == 6.0  # logged on the run too
@@ -143,10 +140,11 @@ def test_register_then_gate_promote_reject_promote(tracker, tmp_path):
     assert client.get_model_version(model, "3").description.count("Gate: ") == 1
 
 
-def test_threshold_failure_rejects_first_candidate(tracker, tmp_path):
+def test_threshold_failure_rejects_first_candidate(tracker, bagel_release, tmp_path):
     model, client = "gate-threshold", tracker.client
     run_id = tracker.start_run("stage1_step1")
-    rv = register_checkpoint(tracker, run_id, make_checkpoint(tmp_path / "c"), model, scores(1.0, 9.0), sampling=FAST)
+    rv = register_checkpoint(tracker, run_id, make_checkpoint(bagel_release, tmp_path / "c"), model, scores(1.0, 9.0),
+                             sampling=FAST)
     d = apply_gate(client, model, rv.version, GateConfig(min_overall=0.5, min_com=2.0))
     assert not d.promote
     assert version_by_alias(client, model, CHAMPION_ALIAS) is None
@@ -154,12 +152,39 @@ def test_threshold_failure_rejects_first_candidate(tracker, tmp_path):
     assert [r for r in reasons if r.startswith("fail")] == ["fail: sconeeval.com 1.0000 < min_com 2"]
 
 
-def test_register_refuses_incomplete_checkpoint(tracker, tmp_path):
+def test_register_refuses_incomplete_checkpoint(tracker, bagel_release, tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text("{}")
     run_id = tracker.start_run("stage1_step1")
-    with pytest.raises(FileNotFoundError, match=r"lacks \*.safetensors weights"):
+    with pytest.raises(FileNotFoundError, match=r"lacks llm_config.json, vit_config.json, \*.safetensors weights"):
         register_checkpoint(tracker, run_id, tmp_path / "ck", "incomplete", {})
+    # a release missing an architecture file is no release the pipeline can load
+    partial = copy_release(bagel_release, tmp_path / "partial")
+    (partial / "vit_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks vit_config.json;"):
+        register_checkpoint(tracker, run_id, partial, "incomplete", {})
+    assert tracker.client.search_registered_models(filter_string="name='incomplete'") == []
+
+
+def test_the_registry_knows_a_release_by_the_pipelines_markers():
+    from model.pipeline import RELEASE_MARKERS
+    from registry.models import RELEASE_CONFIGS
+
+    assert RELEASE_CONFIGS == RELEASE_MARKERS
+
+
+def test_register_refuses_bridge_sampling_without_the_bridge_settings(tracker, bagel_release, tmp_path):
+    from model.config import ModelConfig
+    from model.pipeline import pipeline_settings
+
+    ckpt = make_checkpoint(bagel_release, tmp_path / "c")
+    run_id = tracker.start_run("stage2_step1")
+    with pytest.raises(ValueError, match="bridge=True needs the pipeline's bridge settings"):
+        register_checkpoint(tracker, run_id, ckpt, "bridged", {}, sampling={**FAST, "bridge": True})
+    assert tracker.client.search_registered_models(filter_string="name='bridged'") == []
+    rv = register_checkpoint(tracker, run_id, ckpt, "bridged", {}, sampling={**FAST, "bridge": True},
+                             pipeline=pipeline_settings(ModelConfig()))
+    assert rv.version == "1"
 
 
 def test_dvc_data_hash_from_files_and_lock(tmp_path):

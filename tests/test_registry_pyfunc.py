@@ -16,6 +16,8 @@ import pytest
 
 from chain_clone import free_port, stop_group
 
+from model.config import BridgeConfig, ModelConfig
+from model.pipeline import pipeline_settings
 from registry import SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL
 from registry.config import GateConfig, RegistryConfig
 from registry.gate import apply_gate
@@ -25,24 +27,18 @@ from registry.tracking import Tracker, source_tags
 
 MODEL = "scone-tiny"
 SAMPLING = {"steps": 3, "cfg_text": 2.0, "cfg_image": 1.5, "bridge": True, "seed": 5}
+# what the register step passes: the pipeline's settings from params.model, the bridge's among them
+PIPELINE = pipeline_settings(ModelConfig(bridge=BridgeConfig(early_layer=0, apply_until=1, tau=0.0)))
 METRICS = {SCONEEVAL_COM: 4.0, SCONEEVAL_DIS: 6.0, SCONEEVAL_OVERALL: 5.0, "t2i.mean": 0.25, "t2i.color": 0.5,
            "sconeeval.composition_single.com": 4.5, "sconeeval.com_std": 0.1}
 
 
-def _tiny_checkpoint(path: Path) -> Path:
-    import torch
+def _tiny_checkpoint(release: Path, path: Path) -> Path:
+    """A stage's checkpoint folder: the tiny release (its velocity head random: images that depend on the model,
+    not only on the noise), the stage's metrics and resumable training state beside it."""
+    from release_edit import VELOCITY_HEAD, copy_with_weights, random_normal
 
-    from model.config import BridgeConfig, ModelConfig
-    from model.modeling import SconeModel, save_checkpoint
-    from model.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(["put", "the", "red", "square", "on", "beach", "a", "blue", "circle"])
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=32, num_layers=3, num_heads=2, bridge=BridgeConfig(early_layer=0, apply_until=1, tau=0.0))
-    model = SconeModel.from_model_config(cfg, vocab_size=len(tok))
-    with torch.no_grad():
-        model.velocity_head.weight.normal_(0, 0.2)  # not a constant image
-    save_checkpoint(model, tok, path)
+    copy_with_weights(release, path, {VELOCITY_HEAD: random_normal(0.2, 0)})
     (path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
     (path / "ds_state").mkdir()  # training internals: not part of the model
     (path / "ds_state" / "optim.pt").write_bytes(b"x")
@@ -50,7 +46,7 @@ def _tiny_checkpoint(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, bagel_release):
     """A repo root (the working directory, as in the chain) with one registered, promoted tiny checkpoint."""
     import mlflow
 
@@ -61,13 +57,14 @@ def store(tmp_path_factory):
         data = root / "artifacts/data/parquet_data/base"
         data.mkdir(parents=True)
         (data / "part-00000.parquet").write_bytes(b"rows")
-        ckpt = _tiny_checkpoint(root / "artifacts/checkpoints/stage1_step1")
+        ckpt = _tiny_checkpoint(bagel_release, root / "artifacts/checkpoints/stage1_step1")
         tracker = Tracker(RegistryConfig(tracking_uri="sqlite:///artifacts/mlflow.db", model_name=MODEL), root)
         with tracker.run("stage1_step1", data_hash="d" * 32, tags=source_tags(root, "scone register")) as run_id:
             digests = tracker.log_datasets(run_id, ["artifacts/data/parquet_data/base"])
             tracker.log_metrics_file(run_id, ckpt / "metrics.jsonl")
             rv = register_checkpoint(tracker, run_id, ckpt, MODEL, METRICS, description="stage1_step1",
-                                     extra_tags={"checkpoint.weights_md5": "w" * 32}, sampling=SAMPLING)
+                                     extra_tags={"checkpoint.weights_md5": "w" * 32}, sampling=SAMPLING,
+                                     pipeline=PIPELINE)
         decision = apply_gate(tracker.client, MODEL, rv.version, GateConfig(min_overall=0.5))
         assert decision.promote
         # registration leaves MLflow's global store as it found it (unset)
@@ -142,10 +139,12 @@ def test_store_and_model_hold_no_absolute_path_and_nothing_pickled(store):
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
     assert "python_model.pkl" not in files
     assert sorted(f for f in files if f.startswith("artifacts/")) == [
-        f"artifacts/checkpoint/{n}" for n in ("config.json", "metrics.jsonl", "model.safetensors", "tokenizer.json",
-                                              "tokenizer_config.json")]
+        f"artifacts/checkpoint/{n}" for n in ("ae.safetensors", "ae_params.json", "config.json", "ema.safetensors",
+                                              "llm_config.json", "merges.txt", "metrics.jsonl", "tokenizer.json",
+                                              "tokenizer_config.json", "vit_config.json", "vocab.json")]
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_an_invocation(store):
     import httpx
 

@@ -1,5 +1,6 @@
 """The HTML report from a small MLflow store and fake evaluation outputs."""
 import json
+import shutil
 import re
 
 import numpy as np
@@ -30,7 +31,7 @@ def table3_metrics(base: float) -> dict:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
+def repo(tmp_path_factory, bagel_release):
     """A repo root with artifacts/: two registered checkpoints (one SRUM), one stage trained but not registered."""
     root = tmp_path_factory.mktemp("repo")
     artifacts = root / "artifacts"
@@ -39,9 +40,7 @@ def repo(tmp_path_factory):
                                                                     "t2i.color": 0.75})]
     for i, (name, metrics) in enumerate(plan):
         ckpt = artifacts / "checkpoints" / name
-        ckpt.mkdir(parents=True)
-        (ckpt / "config.json").write_text("{}")
-        (ckpt / "model.safetensors").write_bytes(b"w")
+        shutil.copytree(bagel_release, ckpt)  # a checkpoint is a release directory
         (ckpt / "metrics.jsonl").write_text("\n".join(
             json.dumps({"step": s, "loss": 2.0 / s, "fm_loss": 1.5 / s, "und_loss": 0.5 / s}) for s in range(1, 21)))
         # v1 names its summary at registration; v2 is found in evaluation.runner's layout, key `sample_images`

@@ -72,8 +72,20 @@ def test_judge_agreement_counts_signs_and_correlation():
     assert out["regions"]["n"] == 3 and out["regions"]["sign_agreement"] == pytest.approx(1 / 3, abs=1e-3)
 
 
+def test_variant_maps_take_the_pipelines_rows_and_cols():
+    # a BAGEL pipeline's latent grid is (rows, cols); a square int grid is the same map
+    for variant in ("srum", "sample_level", "binarised", "sft", "reference_only"):
+        np.testing.assert_array_equal(variant_map(variant, RECORD, 32, 32, (8, 8)),
+                                      variant_map(variant, RECORD, 32, 32, 8))
+    wide = variant_map("srum", RECORD, 32, 32, (4, 8))
+    assert wide.shape == (4, 8)
+    np.testing.assert_allclose(wide[:, :4], 0.75, atol=1e-6)  # the region's half, on the wider grid
+    np.testing.assert_allclose(wide[:, 4:], 0.375, atol=1e-6)
+    assert variant_map("sft", RECORD, 32, 32, (4, 8)).shape == (4, 8)
+
+
 @pytest.mark.slow
-def test_ablation_trains_every_variant_on_the_same_candidates(tmp_path):
+def test_ablation_trains_every_variant_on_the_same_candidates(bagel_release, tmp_path):
     from data.build import SRUM, _world
     from data.config import DataConfig
     from data.formats.srum_prompts import make_prompts, write_prompts
@@ -84,7 +96,7 @@ def test_ablation_trains_every_variant_on_the_same_candidates(tmp_path):
 
     data = DataConfig(root=str(tmp_path / "data"))
     write_prompts(make_prompts(_world(data, SRUM, "train"), 7), tmp_path / "data" / "srum_prompts" / "prompts.jsonl")
-    cfg, _ = tiny_checkpoint(tmp_path / "artifacts" / "checkpoints" / "stage2_step2", max_text_len=48)
+    cfg, _ = tiny_checkpoint(bagel_release, tmp_path / "artifacts" / "checkpoints" / "stage2_step2")
     params = types.SimpleNamespace(
         data=data, model=cfg, train=load_params(Path(__file__).parents[1] / "params.yaml").train,
         srum=SrumConfig(candidates=2, steps=2, micro_batch=2, warmup_steps=1, judge="oracle"),

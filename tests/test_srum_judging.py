@@ -21,7 +21,6 @@ from evaluation.srum import (
     reward_record,
 )
 from model.reward_map import reward_map
-from model.pipeline import ScratchPipeline
 
 RED_CIRCLE = Subject("u1", "object", "circle", "red")
 BLUE_SQUARE = Subject("u2", "object", "square", "blue")
@@ -140,47 +139,40 @@ def test_isolate_blanks_everything_but_the_region():
     np.testing.assert_array_equal(out[0, 0], image[0, 0])  # sky stays sky
 
 
-class FakeUnderstanding:
-    """yes_probability stand-in: P(yes) by question, recording what was asked."""
+class FakePipeline:
+    """A pipeline whose understanding answers P(yes) by question, recording what was asked."""
 
     def __init__(self, answers):
         self.answers, self.asked = answers, []
 
-    def __call__(self, model, tokenizer, images, questions):
+    def yes_probability(self, images, questions):
         self.asked += list(questions)
         assert all(im.shape == (32, 32, 3) and im.dtype == np.uint8 for im in images)
         return np.array([self.answers.get(q, 0.5) for q in questions])
 
 
-def test_self_judge_scores_two_p_minus_one(monkeypatch):
-    fake = FakeUnderstanding({"is there a red circle": 0.9, "is there a blue square": 0.2,
-                              "is the red circle on the left": 1.0, "is the blue square on the right": 0.5})
-    monkeypatch.setattr("model.understand.yes_probability", fake)
+def test_self_judge_scores_two_p_minus_one():
+    fake = FakePipeline({"is there a red circle": 0.9, "is there a blue square": 0.2,
+                         "is the red circle on the left": 1.0, "is the blue square on the right": 0.5})
     image = render_array(SPATIAL["target"])
     regions = propose_regions(image, SPATIAL)
-    g, judged = SelfRewardJudge(ScratchPipeline(None, None)).judge(SPATIAL, image, regions)
+    g, judged = SelfRewardJudge(fake).judge(SPATIAL, image, regions)
     by = {r.object: r.score for r in judged}
     assert by["red circle"] == pytest.approx(0.8) and by["blue square"] == pytest.approx(-0.6)
     assert g.score == pytest.approx(2 * 0.75 - 1)  # mean P(yes) of the two stated positions
     assert "is the red circle on the left" in fake.asked
-    g, _ = SelfRewardJudge(ScratchPipeline(None, None)).judge(PAIR, image, [])
+    g, _ = SelfRewardJudge(fake).judge(PAIR, image, [])
     assert g.score == pytest.approx(neutral_band((0.9 + 0.2) / 2))
 
 
-def test_self_judge_with_a_fresh_model_is_neutral():
-    # a fresh model's LM head is zero-initialised: P(yes) = 0.5 for every question -> every score 0
-    import torch
+def test_self_judge_with_a_model_without_preference_is_neutral(bagel_release, tmp_path):
+    # an LM head of zeros: P(yes) = 0.5 for every question -> every score 0. (The toy model's fresh head was zero;
+    # BAGEL's fresh LM head is random, so the release is edited to have none.)
+    from model.pipeline import load_pipeline
+    from release_edit import LM_HEAD, copy_with_weights, zeros
 
-    from model.config import BridgeConfig, ModelConfig
-    from model.modeling import SconeModel
-    from model.tokenizer import build_tokenizer
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, image_size=32, vit_patch=8, latent_patch=4,
-                      max_text_len=24, bridge=BridgeConfig(early_layer=0, apply_until=1))
-    model = SconeModel.from_model_config(cfg, vocab_size=len(tok))
-    j = make_reward_judge("self", model=model, tokenizer=tok)
+    pipeline = load_pipeline(copy_with_weights(bagel_release, tmp_path / "ckpt", {LM_HEAD: zeros}))
+    j = make_reward_judge("self", pipeline=pipeline)
     image = render_array(SPATIAL["target"])
     g, judged = j.judge(SPATIAL, image, propose_regions(image, SPATIAL))
     assert g.score == pytest.approx(0.0, abs=1e-6) and [r.score for r in judged] == pytest.approx([0.0, 0.0], abs=1e-6)

@@ -1,7 +1,17 @@
+"""SRUM's objective (model.srum_loss) by hand: L_r, L_ref and their sum over velocities and targets eps - x0."""
 import pytest
 import torch
 
-from model.srum_loss import reference_loss, reward_weighted_loss, reward_weights, srum_loss
+from model.scheduler import velocity_target
+from model.srum_loss import reference_velocity_loss, reward_weighted_velocity_loss, reward_weights, srum_velocity_loss
+
+
+def reward_weighted_loss(v, eps, x0, reward, **kw):
+    return reward_weighted_velocity_loss(v, velocity_target(x0, eps), reward, **kw)
+
+
+def reference_loss(v, eps, x0):
+    return reference_velocity_loss(v, velocity_target(x0, eps))
 
 
 def _case():
@@ -44,7 +54,8 @@ def test_reward_grid_is_flattened_row_major():
 def test_reference_loss_and_total():
     v, eps, x0 = _case()
     assert reference_loss(v, eps, x0).item() == pytest.approx(5 / 4)
-    out = srum_loss(v, eps, x0, torch.tensor([[0.25, 1.0]]), v, eps, x0, alpha=1.0, lambda_c=0.5)
+    target = velocity_target(x0, eps)
+    out = srum_velocity_loss(v, target, torch.tensor([[0.25, 1.0]]), v, target, alpha=1.0, lambda_c=0.5)
     assert out["l_r"].item() == pytest.approx(0.5)
     assert out["l_ref"].item() == pytest.approx(1.25)
     assert out["loss"].item() == pytest.approx(0.5 + 0.5 * 1.25)

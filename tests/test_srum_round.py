@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from data.formats.srum_rewards import read_rewards
@@ -10,10 +9,10 @@ from data.scene import Placement, Scene, Subject
 from evaluation.config import SamplingConfig
 from data.render import render_array
 from evaluation.srum import candidate_seed, run_round
-from model.config import BridgeConfig, ModelConfig, SrumConfig
-from model.modeling import SconeModel, save_checkpoint
+from model.config import ModelConfig, SrumConfig
+from model.pipeline import BagelPipeline, load_pipeline
 from model.reward_map import reward_map, to_latent_grid
-from model.tokenizer import build_tokenizer
+from release_edit import VELOCITY_HEAD, copy_with_weights, random_normal
 
 
 def prompt_rows():
@@ -32,20 +31,16 @@ def swapped(scene: Scene) -> Scene:
     return Scene(scene.background, (Placement(a.subject, b.bbox), Placement(b.subject, a.bbox)), scene.size)
 
 
-def tiny_checkpoint(directory, max_text_len: int = 24):
-    """A small random model saved as a checkpoint; returns (its ModelConfig, the directory)."""
-    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, image_size=32, vit_patch=8, latent_patch=4,
-                      max_text_len=max_text_len, bridge=BridgeConfig(early_layer=0, apply_until=1))
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = SconeModel.from_model_config(cfg, vocab_size=len(tok))
-    torch.nn.init.normal_(model.velocity_head.weight, std=0.1)  # a fresh head is zero: sample something
-    return cfg, save_checkpoint(model, tok, directory)
+def tiny_checkpoint(release, directory):
+    """A copy of the tiny release as a stage's checkpoint, its velocity head random (a fresh head is zero: sample
+    something); returns (the ModelConfig the chain runs it with: 32 px, the bridge within its 4 layers, the
+    directory)."""
+    return ModelConfig(), copy_with_weights(release, directory, {VELOCITY_HEAD: random_normal(0.1, 0)})
 
 
 @pytest.mark.slow
-def test_run_round_end_to_end(tmp_path, monkeypatch):
-    cfg, init = tiny_checkpoint(tmp_path / "init")
+def test_run_round_end_to_end(bagel_release, tmp_path, monkeypatch):
+    cfg, init = tiny_checkpoint(bagel_release, tmp_path / "init")
     srum = SrumConfig(candidates=2, steps=2, micro_batch=2, warmup_steps=1, judge="oracle")
     sampling = SamplingConfig(steps=2, cfg_text=1.0, cfg_image=1.0, batch_size=4)
 
@@ -54,12 +49,13 @@ def test_run_round_end_to_end(tmp_path, monkeypatch):
     rows = prompt_rows()
     calls = []
 
-    def fake_generate(model, tokenizer, examples, *, steps, cfg_text, cfg_image, seed, bridge, batch_size):
+    def fake_generate(self, examples, *, steps, cfg_text, cfg_image, seed, bridge, batch_size):
         calls.append((seed, steps, cfg_text, bridge, [e.instruction for e in examples]))
         first = seed == candidate_seed(srum.seed, 1, 0)
         return [render_array(r["target"] if first else swapped(r["target"])) for r in rows]
 
-    monkeypatch.setattr("model.sampler.generate", fake_generate)
+    # the pipeline the round loads from the checkpoint, its sampling replaced (the contract evaluation.srum uses)
+    monkeypatch.setattr(BagelPipeline, "generate", fake_generate)
     summary = run_round(init, rows, srum, sampling, tmp_path / "srum", 1, ckpt_dir=tmp_path / "ckpt",
                         model_cfg=cfg)
 
@@ -94,19 +90,19 @@ def test_run_round_end_to_end(tmp_path, monkeypatch):
     assert maps[1].max() == 0.0 and maps[0].max() == pytest.approx(1.0)
     assert summary["train"]["steps"] == 2 and summary["judge"] == "oracle"
 
-    trained = SconeModel.from_pretrained(tmp_path / "ckpt")
-    assert trained.latent_grid == 8
+    trained = load_pipeline(tmp_path / "ckpt")
+    assert trained.latent_grid == (8, 8)
     on_disk = json.loads((round_dir / "summary.json").read_text())
     assert on_disk["paths"]["checkpoint"] == str(tmp_path / "ckpt")
 
 
 @pytest.mark.slow
-def test_the_default_round_is_judged_by_the_models_own_understanding(tmp_path, monkeypatch):
-    cfg, init = tiny_checkpoint(tmp_path / "init")
+def test_the_default_round_is_judged_by_the_models_own_understanding(bagel_release, tmp_path, monkeypatch):
+    cfg, init = tiny_checkpoint(bagel_release, tmp_path / "init")
     srum = SrumConfig(candidates=1, steps=1, micro_batch=2, warmup_steps=0)
     assert srum.judge == "self"
     rows = prompt_rows()
-    monkeypatch.setattr("model.sampler.generate", lambda model, tokenizer, examples, **kw: [render_array(r["target"]) for r in rows])
+    monkeypatch.setattr(BagelPipeline, "generate", lambda self, examples, **kw: [render_array(r["target"]) for r in rows])
     summary = run_round(init, rows, srum, SamplingConfig(steps=1, cfg_text=1.0, cfg_image=1.0, batch_size=4),
                         tmp_path / "srum", 1, ckpt_dir=tmp_path / "ckpt", model_cfg=cfg)
     assert summary["judge"] == "self"

@@ -53,7 +53,7 @@ def test_first_update_has_the_warmup_lr_as_its_size(tmp_path):
     train_stage("s", stage, train, model_cfg, tmp_path / "data", tmp_path / "out", progress=False,
                 model_family=FAMILY)
     torch.manual_seed(train.seed)
-    before = FakeScone(model_cfg.hidden_size).state_dict()
+    before = FakeScone().state_dict()
     after = load_file(tmp_path / "out" / "model.safetensors")
     step = torch.cat([(after[k] - before[k]).abs().flatten() for k in ("gen_in.weight", "gen_out.weight")])
     assert step.max().item() == pytest.approx(0.025, rel=1e-4)

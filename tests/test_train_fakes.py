@@ -1,11 +1,12 @@
 """A tiny stand-in model family and dataset writer for the stage-training tests.
 
-FakeScone keeps the training contract of the Scone model (training_loss, expert_parameters, save_pretrained /
+FakeScone keeps the stage trainer's training contract (training_loss, expert_parameters, save_pretrained /
 from_pretrained) at a few thousand parameters, so engine, data order, freezing and resume tests run in seconds.
 Importable as `test_train_fakes` (pytest puts tests/ on sys.path; the torchrun test sets PYTHONPATH).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -110,13 +111,16 @@ def collate(examples, tokenizer, cfg):
 
 
 FAKE = ModelFamily(
-    build=lambda cfg, tok: FakeScone(cfg.hidden_size),
+    build=lambda cfg, tok: FakeScone(),
     load=FakeScone.from_pretrained,
     tokenizer=lambda path: FakeTokenizer(),
     examples_from_rows=examples_from_rows,
     collate=collate,
 )
 FAMILY = "test_train_fakes:FAKE"
+# A family's size is its own (a release's), not params': the wider fake is another family.
+FAKE_WIDE = dataclasses.replace(FAKE, build=lambda cfg, tok: FakeScone(64))
+WIDE_FAMILY = "test_train_fakes:FAKE_WIDE"
 
 
 def _png(a: np.ndarray) -> bytes:
@@ -149,7 +153,7 @@ def write_dataset(root: Path, name: str, n: int, seed: int = 0, rows_per_file: i
 def tiny_configs(*, steps=6, lr=3e-2, warmup=0, schedule="constant", **train_kw):
     stage = StageConfig(datasets=["fake"], steps=steps, lr=lr, warmup_steps=warmup, schedule=schedule)
     train = TrainConfig(**{"micro_batch": 4, "log_every": 1, "save_every": 100, "stages": {"s": stage}, **train_kw})
-    return stage, train, ModelConfig(hidden_size=16, num_heads=4)
+    return stage, train, ModelConfig()
 
 
 # --- the fixture's own contract: the other tests rely on it ---

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.train import RunSettingsMismatch, train_stage
-from test_train_fakes import FAMILY, FakeScone, tiny_configs, write_dataset
+from test_train_fakes import FAMILY, WIDE_FAMILY, FakeScone, tiny_configs, write_dataset
 
 
 @pytest.fixture
@@ -16,8 +16,8 @@ def data(tmp_path):
     return tmp_path / "data"
 
 
-def _train(stage, train, model_cfg, data, out, init=None):
-    return train_stage("s", stage, train, model_cfg, data, out, init, progress=False, model_family=FAMILY)
+def _train(stage, train, model_cfg, data, out, init=None, family=FAMILY):
+    return train_stage("s", stage, train, model_cfg, data, out, init, progress=False, model_family=family)
 
 
 def _metrics(out):
@@ -26,9 +26,8 @@ def _metrics(out):
 
 def test_loss_decreases_and_outputs_are_written(data, tmp_path):
     stage, train, model_cfg = tiny_configs(steps=60, lr=1e-2, micro_batch=8)
-    model_cfg = model_cfg.model_copy(update={"hidden_size": 64})
     out = tmp_path / "out"
-    summary = _train(stage, train, model_cfg, data, out)
+    summary = _train(stage, train, model_cfg, data, out, family=WIDE_FAMILY)
     rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 61))
     first, last = sum(r["loss"] for r in rows[:8]) / 8, sum(r["loss"] for r in rows[-8:]) / 8
@@ -62,7 +61,7 @@ def test_frozen_understanding_expert_stays_bit_identical(data, tmp_path):
     stage = stage.model_copy(update={"train_understanding": False})
     _train(stage, train, model_cfg, data, tmp_path / "out")
     torch.manual_seed(train.seed)
-    init = FakeScone(model_cfg.hidden_size).state_dict()
+    init = FakeScone().state_dict()
     after = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(init["und_head.weight"], after["und_head.weight"])
     assert not torch.equal(init["gen_out.weight"], after["gen_out.weight"])
@@ -165,7 +164,7 @@ def test_bf16_engine_trains_and_saves_fp32_weights(data, tmp_path):
     # the same run up to bf16 rounding: the updates point the same way (Adam's near-sign steps can flip on
     # single weights with tiny gradients, so compare the whole update, not each element)
     torch.manual_seed(train.seed)
-    init = FakeScone(model_cfg.hidden_size).state_dict()
+    init = FakeScone().state_dict()
     d32 = torch.cat([(fp32[k] - init[k]).flatten() for k in init])
     d16 = torch.cat([(bf16[k] - init[k]).flatten() for k in init])
     assert torch.nn.functional.cosine_similarity(d32, d16, dim=0) > 0.9

@@ -73,9 +73,9 @@ def test_training_on_a_gpu_pool_hands_over_through_the_dvc_remote(tmp_path):
     gpu_log = (tmp_path / "worker-gpu.log").read_text()
     for stage in CHECKPOINTS[:4]:
         # trained on the gpu host, in its own checkout; the chain host has it through the remote
-        assert (gpu / "artifacts/checkpoints" / stage / "model.safetensors").is_file(), gpu_log[-3000:]
-        assert (chain / "artifacts/checkpoints" / stage / "model.safetensors").read_bytes() == \
-            (gpu / "artifacts/checkpoints" / stage / "model.safetensors").read_bytes()
+        assert (gpu / "artifacts/checkpoints" / stage / "ema.safetensors").is_file(), gpu_log[-3000:]
+        assert (chain / "artifacts/checkpoints" / stage / "ema.safetensors").read_bytes() == \
+            (gpu / "artifacts/checkpoints" / stage / "ema.safetensors").read_bytes()
         assert not (chain / "artifacts/work/train" / stage).exists()
     assert "stage1_step1: step" in gpu_log  # the training progress reached the gpu worker's flow-run logs
     status = run(["dvc", "status", "--json"], chain, env).stdout

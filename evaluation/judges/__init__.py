@@ -48,7 +48,7 @@ def make_judge(kind: str, eval_cfg=None, **kwargs) -> Judge:
     """The judge backend `kind` ('oracle' | 'openai' | 'self').
 
     Backends are built as `Factory.from_config(eval_cfg, **kwargs)` when they offer it (the openai
-    judge reads `eval_cfg.openai`; the self judge takes `model=` and `tokenizer=`), else
+    judge reads `eval_cfg.openai`; the self judge takes `pipeline=` or `checkpoint_dir=`), else
     `Factory(**kwargs)`."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown judge {kind!r}; expected one of {sorted(BACKENDS)} (eval.judge in params.yaml)")

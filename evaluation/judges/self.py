@@ -1,7 +1,7 @@
 """The `self` judge: SconeEval scores from the model's own understanding expert.
 
-Every figure is a yes-probability P(q) = model.understand.yes_probability(model, tokenizer,
-[generated image], [q]) for a question written in the templates the model was trained on
+Every figure is a yes-probability P(q) = pipeline.yes_probability([generated image], [q]) (the
+checkpoint's understanding expert, model.pipeline) for a question written in the templates the model was trained on
 (data.instructions.QA_TEMPLATES): "is there <desc>", "is <the desc> <position>", "is this
 <background>". Only the generated image is looked at; what to ask about comes from the case:
 
@@ -41,7 +41,7 @@ evaluation.judges.oracle.background_source decides): lift(P(this is b), P(this i
 
 The weights (0.4 / 0.6 presence / position, 0.25 background share of PF, the extras penalty)
 are the oracle judge's, so both judges read the same scale. A model that answers 0.5 to
-everything (an untrained LM head) scores PF = SC = 0 and finds nothing present: no evidence, no
+everything (an LM head without preference) scores PF = SC = 0 and finds nothing present: no evidence, no
 credit. Deterministic; one batched understanding call per case, answers cached per image.
 """
 from __future__ import annotations
@@ -153,18 +153,13 @@ class SelfJudge:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, eval_cfg=None, checkpoint_dir: str | Path | None = None, pipeline=None,
-                    model=None, tokenizer=None) -> "SelfJudge":
+    def from_config(cls, eval_cfg=None, checkpoint_dir: str | Path | None = None, pipeline=None) -> "SelfJudge":
         """The judge of a checkpoint: pass its `pipeline` (model.pipeline.load_pipeline), or `checkpoint_dir` to
-        load one, or a scratch `model` with its `tokenizer`."""
+        load one."""
         if pipeline is not None:
             return cls(pipeline)
-        from model.pipeline import ScratchPipeline, load_pipeline
+        from model.pipeline import load_pipeline
 
-        if model is not None:
-            if tokenizer is None:
-                raise ValueError("the self judge got a model without its tokenizer; pass tokenizer= too")
-            return cls(ScratchPipeline(model, tokenizer))
         if checkpoint_dir is None:
             raise ValueError(
                 "the self judge needs the checkpoint's model: make_judge('self', eval_cfg, checkpoint_dir=DIR) "

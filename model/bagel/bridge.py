@@ -16,7 +16,7 @@ use_semantic_mask; data/dataset_base.py) rather than the paper's text:
   mask acts from the next layer through `apply_until` inclusive (released: 9..16 of 28).
 - The instruction's tokens include its framing <|im_start|> and <|im_end|> (released: packed_instruc_indexes
   holds the shifted text with its bos and the appended eos).
-- Kept is s >= tau (released `>=`; the paper's Eq. 4 and this project's old toy bridge mask s == tau).
+- Kept is s >= tau (released `>=`; the paper's Eq. 4, with `>`, would mask s == tau).
 - A reference's VAE (latent) tokens are masked too, by its ViT relevance resized onto its latent grid (bilinear,
   align_corners=False); the i-th reference ViT image pairs with the i-th reference latent image. Vision markers,
   text and the target's own tokens are never masked.
@@ -38,7 +38,7 @@ How the layout is read (`layout_of`): the instruction is the sample's last text 
 it are references, latent images after it are targets. No marker is needed, so every producer of
 `model.generation_context`'s layout gets the bridge.
 
-Straight-through bridge formation (this project's addition for small models, as model.bridge): the forward pass
+Straight-through bridge formation (this project's addition for small models): the forward pass
 uses the hard mask; target rows additionally get soft_attention - soft_attention.detach() with the differentiable
 mask log sigmoid((s - tau) / T) in place of M (q, k, v detached), so values are exactly those of Eq. 4-5 and the
 generation loss reaches the understanding states that produce s.
@@ -72,9 +72,12 @@ class BridgeLayout:
 
 
 def check_layers(cfg: BridgeConfig, num_layers: int) -> None:
+    """The bridge settings (params' model.bridge: a release stores none) against the model's depth, which only the
+    release knows (llm_config.json's num_hidden_layers)."""
     if not (0 <= cfg.early_layer < cfg.apply_until < num_layers):
-        raise ValueError(f"bridge layers (early_layer={cfg.early_layer}, apply_until={cfg.apply_until}) must "
-                         f"satisfy early_layer < apply_until < {num_layers}, the model's number of layers")
+        raise ValueError(f"bridge layers model.bridge.early_layer={cfg.early_layer}, model.bridge.apply_until="
+                         f"{cfg.apply_until} must satisfy early_layer < apply_until < {num_layers}, the release's "
+                         f"number of layers (llm_config.json num_hidden_layers); set model.bridge for this release")
 
 
 def _index(t: torch.Tensor) -> torch.Tensor:

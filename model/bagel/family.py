@@ -4,8 +4,8 @@ From a release directory to a release directory:
 
 - `load(path)`: a release directory (strictly, model.bagel.release) -> `BagelForTraining`, an nn.Module around
   `BagelModel` (its parameters are `bagel.<release key>`) with what model/train.py calls: `training_loss`,
-  `expert_parameters`, `save_pretrained`, and `config` (the BagelConfig, which has no `with_runtime_settings`, so
-  train.py keeps the release's architecture).
+  `expert_parameters`, `save_pretrained`, and `config` (the release's BagelConfig: the architecture is the
+  release's, params' `model:` only says how to feed and bridge it).
 - `save_pretrained(out_dir, state_dict=...)` writes a release directory (llm/vit configs, [ae_params.json], the
   tokenizer files copied from the source release, `ema.safetensors` (or the source's weights name) and
   `ae.safetensors`), in the dtype the source release stored its weights in, plus the `config.json` marker below.
@@ -16,18 +16,18 @@ From a release directory to a release directory:
   carries the release's BagelConfig so `collate` knows the patch sizes. `path=None` (training from scratch) is not
   supported: there is no Qwen2 vocabulary to build one from.
 - `build(model_cfg, tokenizer)`: fresh weights of the `tiny` preset (model.bagel.config.preset), the vocabulary
-  widened to the tokenizer's when needed. Of `model_cfg` (the project's ModelConfig, written for the Scone model)
-  only the data-side fields are used, by `collate`: image_size, max_references, timestep_shift,
-  timestep_sampling, cfg_drop_text, cfg_drop_image. The architecture fields (hidden_size, num_layers, ...) and
-  `prediction` are ignored: a BAGEL model always predicts the velocity, at the architecture of its release/preset.
+  widened to the tokenizer's when needed. `model_cfg` (params' `model:`, a model.config.ModelConfig) holds no
+  architecture: that is the release's (or the preset's); `collate` reads its data-side fields image_size,
+  max_references, timestep_shift, timestep_sampling, cfg_drop_text and cfg_drop_image.
 
 Batches (`collate`): every image (references and targets, uint8 H x W x 3 decoded from the rows' PNGs) is resized
 (bicubic) to one square side S = the smallest multiple of lcm(ViT patch, latent patch * AE downsample) that is at
-least `model_cfg.image_size` (the project's 32x32 images -> 112x112 for the tiny preset and BAGEL-7B alike: 14 and
-16 pixels), normalised as BAGEL's transforms ((pixel / 255 - 0.5) / 0.5) and stacked in `pixels`. The layout of each
-sample is plain Python (ids and image indices), so no randomness happens in collate: `training_loss` encodes the
-latents with the frozen autoencoder, draws t (per sample) and the noise from the `generator` train.py passes, builds
-the packed sequences and runs them all in ONE packed forward (`BagelModel.hidden_states`):
+least `model_cfg.image_size` (the project's 32x32 images stay 32x32 with the tiny preset, ViT patch 8 and latent
+tokens of 4 pixels; BAGEL-7B, 14 and 16 pixels, takes them at 112x112), normalised as BAGEL's transforms
+((pixel / 255 - 0.5) / 0.5) and stacked in `pixels`. The layout of each sample is plain Python (ids and image
+indices), so no randomness happens in collate: `training_loss` encodes the latents with the frozen autoencoder,
+draws t (per sample) and the noise from the `generator` train.py passes, builds the packed sequences and runs them
+all in ONE packed forward (`BagelModel.hidden_states`):
 
 - generation sample: for each reference, its clean VAE tokens (timestep 0) then its ViT tokens, each framed by
   <|vision_start|> ... <|vision_end|>; the instruction as <|im_start|> text <|im_end|>; then the target latent
@@ -36,8 +36,9 @@ the packed sequences and runs them all in ONE packed forward (`BagelModel.hidden
   ViT tokens, the question framed, then the answer framed as <|im_start|> answer <|im_end|>; und_loss = LM
   cross-entropy of the answer tokens and the closing <|im_end|> (each predicted from the token before it, the first
   from <|im_start|>, as `BagelModel.answer_logits` queries), mean over those tokens of the batch; 0 when none.
-- guidance dropout (train mode only, drawn from the generator): with probability cfg_drop_image the references are
-  removed (VAE and ViT tokens), else with cfg_drop_text the instruction becomes an empty framed text.
+- guidance dropout (train mode only, drawn from the generator by model.scheduler.guidance_dropout): with
+  probability cfg_drop_image the references (VAE and ViT tokens) and the instruction are removed (the sampler's
+  (-, -) pass), else with cfg_drop_text the instruction becomes an empty framed text (its (I, -) pass). t, the noise, x_t and the velocity target come from model.scheduler.
 
 Experts (`expert_parameters`): understanding = the language model's understanding copies, embed_tokens, the final
 norm, lm_head, and the ViT connector; generation = every `*_moe_gen` copy, vae2llm, llm2vae, time_embedder. The ViT,
@@ -61,7 +62,6 @@ in train.py: let the family say what a checkpoint is (e.g. `ModelFamily.is_check
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -82,6 +82,8 @@ from model.bagel.release import FAMILY_SPEC, MARKER, mark_release  # noqa: F401 
 from model.bagel.release import (TOKENIZER_FILES, WEIGHT_NAMES, ReleaseWriter, _shapes, find_weights,
                                  load_release, load_release_partitioned, load_tokenizer)
 from model.config import BridgeConfig
+from model.scheduler import (add_noise, flow_matching_loss, guidance_dropout, sample_timesteps, training_noise,
+                             velocity_target)
 from model.train import EXPERTS, ModelFamily
 
 PREFIX = "bagel."  # the wrapper's parameter names: PREFIX + the release's key
@@ -163,7 +165,7 @@ class BagelForTraining(nn.Module):
         if weights_name not in WEIGHT_NAMES:
             raise ValueError(f"weights_name must be one of {WEIGHT_NAMES}")
         self.bagel = bagel
-        self.config = bagel.config  # no with_runtime_settings: train.py keeps the release's architecture
+        self.config = bagel.config
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self.weights_name = weights_name
         self.save_dtype = save_dtype
@@ -178,8 +180,6 @@ class BagelForTraining(nn.Module):
     # ---- loss ----
 
     def _timesteps(self, n: int, batch: dict, generator, device) -> torch.Tensor:
-        from model.flow import sample_timesteps
-
         return sample_timesteps(n, shift=float(batch.get("timestep_shift", self.config.timestep_shift)),
                                 mode=batch.get("timestep_sampling", "logit_normal"), generator=generator,
                                 device=device)
@@ -198,17 +198,13 @@ class BagelForTraining(nn.Module):
         device, dtype = m.vae2llm.weight.device, m.vae2llm.weight.dtype
         pixels = batch["pixels"].to(device, dtype)
         gens, qas = batch["samples"], batch["qa"]
-        gen_device = generator.device if generator is not None else torch.device("cpu")
         rows, cols = m.latent_grid(pixels.shape[2], pixels.shape[3])
 
-        # guidance dropout, drawn first so the noise does not depend on it
-        drop_image = [False] * len(gens)
-        drop_text = [False] * len(gens)
-        p_img, p_txt = float(batch.get("cfg_drop_image", 0.0)), float(batch.get("cfg_drop_text", 0.0))
-        if self.training and gens and (p_img > 0 or p_txt > 0):
-            u = torch.rand(len(gens), 2, generator=generator, device=gen_device).cpu()
-            drop_image = [bool(x < p_img) for x in u[:, 0]]
-            drop_text = [bool(not di and x < p_txt) for di, x in zip(drop_image, u[:, 1])]
+        # guidance dropout, drawn first so the noise does not depend on it; eval mode drops nothing
+        drop_image, drop_text = [False] * len(gens), [False] * len(gens)
+        if self.training:
+            drop_image, drop_text = guidance_dropout(len(gens), float(batch.get("cfg_drop_image", 0.0)),
+                                                     float(batch.get("cfg_drop_text", 0.0)), generator)
 
         # clean latents of the references kept and of every target, in one call of the frozen encoder
         need = sorted({i for s, di in zip(gens, drop_image) for i in ([] if di else s["refs"])}
@@ -229,13 +225,12 @@ class BagelForTraining(nn.Module):
                     sample.add_vit_image(pixels[i], cfg.vit.patch_size, cfg.vit_max_num_patch_per_side, m.special)
             sample.add_text(m.frame_text([] if drop_text[k] else s["text"]))
             x0 = latents[s["target"]]
-            eps = torch.randn(x0.shape, generator=generator, device=gen_device).to(device, dtype)
-            tk = t[k].to(dtype)
-            x_t = (1 - tk) * x0 + tk * eps
+            eps = training_noise(x0.shape, generator, device, dtype)
+            x_t = add_noise(x0, eps, t[k:k + 1])
             m.add_latent(sample, x_t, rows, cols, timestep=float(t[k]))
             samples.append(sample)
             targets.append(sample.vae_images[-1].index)
-            velocity_targets.append(eps - x0)
+            velocity_targets.append(velocity_target(x0, eps))
             x_ts.append(x_t)
 
         answers, labels = [], []
@@ -333,7 +328,7 @@ class BagelForTraining(nn.Module):
         device = self.bagel.vae2llm.weight.device
         fm_loss = und_loss = torch.zeros((), device=device)  # float32 whatever the weights' dtype
         if out["velocity"] is not None:
-            fm_loss = F.mse_loss(out["velocity"].float(), out["velocity_target"].float())
+            fm_loss = flow_matching_loss(out["velocity"], out["velocity_target"])
         if out["logits"] is not None:
             und_loss = F.cross_entropy(out["logits"].float(), out["labels"])
         loss = fm_loss + und_loss_weight * und_loss + out["keepalive"]

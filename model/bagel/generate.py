@@ -1,12 +1,11 @@
-"""Sampling and the yes/no self-judge for a `BagelModel`, with the semantics and call shape of model.sampler and
-model.understand (callers pick the module by checkpoint type).
+"""Sampling and the yes/no self-judge for a `BagelModel` (model.pipeline.BagelPipeline calls them).
 
-Generation is the Euler ODE of model.sampler: the velocity (eps - x0) integrated from t = 1 (noise) to t = 0 over
-`model.flow.sampling_timesteps(steps, timestep_shift)`, with model.sampler's three-condition guidance:
+Generation is an Euler ODE: the velocity (eps - x0) integrated from t = 1 (noise) to t = 0 over
+`model.scheduler.sampling_timesteps(steps, timestep_shift)`, with the scheduler's three-condition guidance:
 
     v = v(-, -) + s_I [v(I, -) - v(-, -)] + s_T [v(I, T) - v(I, -)]
 
-where, exactly as family.packed_forward drops conditions in training, (I, -) keeps the references and replaces the
+where, as family.packed_forward drops conditions in training, (I, -) keeps the references and replaces the
 instruction by an empty framed text `<|im_start|><|im_end|>`, and (-, -) also removes the references (their VAE and
 ViT tokens). Only the passes `guidance_passes` asks for run. With a bridge (model.bagel.bridge), only (I, T) gets
 it: the semantic mask is built from the instruction, which the other passes do not have.
@@ -33,11 +32,9 @@ import torch
 from model.bagel.family import BagelTokenizer, _pixels, image_side
 from model.bagel.model import BagelModel, Context
 from model.bagel.packing import PackedSample
-from model.batching import Example
+from model.batching import Example, to_uint8
 from model.config import BridgeConfig
-from model.flow import sampling_timesteps
-from model.latent import to_uint8
-from model.sampler import _guided, case_noise, guidance_passes
+from model.scheduler import case_noise, guidance_passes, guided_velocity, sampling_timesteps
 
 
 @dataclass
@@ -113,7 +110,7 @@ def _sample_chunk(model: BagelModel, cases: list[_Case], passes: tuple[str, ...]
                   use_cache: bool) -> list[torch.Tensor]:
     device = model.vae2llm.weight.device
     xs = [case_noise(seed, c.index, (c.n_tokens, model.config.patch_latent_dim)).to(device) for c in cases]
-    # pass-major, so that _guided's chunk(len(passes)) splits the velocities by pass
+    # pass-major, as guided_velocity splits the velocities
     order = [(p, c) for p in passes for c in cases]
     contexts = None
     if use_cache:
@@ -127,7 +124,7 @@ def _sample_chunk(model: BagelModel, cases: list[_Case], passes: tuple[str, ...]
             sample = contexts[k].sample.continuation() if use_cache else _context(model, c, p)
             model.add_latent(sample, xs[k % len(cases)], c.rows, c.cols, timestep=t)
             samples.append(sample)
-        v = _guided(_velocities(model, samples, contexts, bridge), passes, cfg_text, cfg_image)
+        v = guided_velocity(_velocities(model, samples, contexts, bridge), passes, cfg_text, cfg_image)
         dt = float(times[i + 1] - times[i])
         xs = [x + dt * vk for x, vk in zip(xs, v.split(sizes))]
     return [x.float().cpu() for x in xs]
