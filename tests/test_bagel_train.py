@@ -279,6 +279,8 @@ def test_two_ranks_zero3_save_the_release_of_one_rank(tmp_path):
     write_rows(_rows(4), tmp_path / "data", "s2i", rows_per_row_group=4)
     init = _release_copy(tmp_path)
     stage, train2, model_cfg = _configs(steps=3, lr=2e-3, micro_batch=2, zero_stage=3)
+    # every weight partitioned (the tiny model's are all below DeepSpeed's default persistence threshold)
+    train2 = train2.model_copy(update={"zero3_persistence_threshold": 0})
     # guidance dropout on: the ranks' micro batches differ in what they hold (questions, references)
     model_cfg = model_cfg.model_copy(update={"cfg_drop_image": 0.3, "cfg_drop_text": 0.3})
     two = run_stage("s", stage, train2, model_cfg, tmp_path / "data", tmp_path / "two", init, num_ranks=2,
@@ -290,7 +292,7 @@ def test_two_ranks_zero3_save_the_release_of_one_rank(tmp_path):
     load_release(tmp_path / "two")  # strictly
 
     # the same global batch on one rank (two micro batches of 2, ZeRO-2) ends on the same weights
-    train1 = train2.model_copy(update={"grad_accum": 2, "zero_stage": 2})
+    train1 = train2.model_copy(update={"grad_accum": 2, "zero_stage": 2, "zero3_persistence_threshold": None})
     one = run_stage("s", stage, train1, model_cfg, tmp_path / "data", tmp_path / "one", init, num_ranks=1,
                     progress=False, model_family=SPEC)
     w2, w1 = _release_weights(tmp_path / "two"), _release_weights(tmp_path / "one")

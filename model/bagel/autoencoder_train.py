@@ -178,8 +178,9 @@ def train_autoencoder(images: np.ndarray | Iterable[np.ndarray], cfg: Autoencode
             opt.step()
             losses.append(loss.item())
             bar.update(1)
-            if progress:
+            if progress and (step + 1) % 100 == 0:  # a plain line too: orchestrators log prints, not bars
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                print(f"autoencoder: step {step + 1}/{steps} loss {np.mean(losses[-100:]):.4f}", flush=True)
         bar.close()
     ae.eval()
 
