@@ -110,7 +110,8 @@ def test_a_second_run_reuses_everything(clone):
     root, env = clone
     out = _run(["scone", "pipeline"], root, env)
     log = out.stdout + out.stderr
-    for stage in ("build_base", "validate_data", "train@stage1_step1", "srum@0", "evaluate@srum_round1", "register"):
+    for stage in ("build_base", "validate_data", "bootstrap_release", "train@stage1_step1", "srum@srum_round1",
+                  "evaluate_srum@srum_round1", "register"):
         assert f"{stage}: up to date" in log, log[-3000:]
     assert ": running (" not in log
     con = sqlite3.connect(root / "artifacts" / "mlflow.db")
