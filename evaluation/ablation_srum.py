@@ -200,9 +200,8 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
     from data.formats.srum_rewards import write_rewards
     from data.render import render_array
     from evaluation.srum import candidate_seed, generate_candidates, judge_candidates, make_reward_judge
-    from evaluation.srum import pipeline_settings
     from evaluation.t2i import row_target
-    from model.pipeline import is_release_dir, load_pipeline
+    from model.pipeline import is_release_dir, load_pipeline, pipeline_settings
     from model.srum_train import SrumCandidate, train_srum_round
     from tasks.paths import Paths  # the chain's path map; this bench runs only from `scone bench`
 
@@ -225,7 +224,7 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
 
     steps = len(seeds) * len(variants) + 1
     bar = tqdm(total=steps, desc="srum-ablation", unit="run")
-    settings = pipeline_settings(srum_cfg, params.model)
+    settings = pipeline_settings(params.model)
     pipeline = load_pipeline(init, settings)
     init_scores = score_checkpoint(init, prompt_sets, sampling, bridge, eval_seeds, settings, pipeline)
     bar.update(1)

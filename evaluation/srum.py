@@ -528,16 +528,6 @@ def generate_candidates(pipeline, prompts: Sequence, sampling, seeds: Sequence[i
     return examples, images
 
 
-def pipeline_settings(srum_cfg, model_cfg=None) -> dict:
-    """load_pipeline's settings for a round (model.pipeline.pipeline_settings of the model config); nothing without
-    a model config (the release's own image size, no bridge settings). SRUM's prompts are text-to-image: no
-    reference for the bridge to mask, so candidates sample without it whatever srum.bridge says (that applies to
-    training)."""
-    from model.pipeline import pipeline_settings as settings_of
-
-    return {} if model_cfg is None else settings_of(model_cfg)
-
-
 def run_round(
     model_dir: str | Path,
     prompts: Sequence,
@@ -562,7 +552,7 @@ def run_round(
     `judge`: a RewardJudge instance; default from srum_cfg.judge (the self judge uses the round's model, the
     openai judge the endpoint settings `openai_cfg`, an evaluation.config.OpenAIJudgeConfig).
     """
-    from model.pipeline import load_pipeline
+    from model.pipeline import load_pipeline, pipeline_settings
     from model.srum_train import SrumCandidate, train_srum_round
 
     if not prompts:
@@ -573,7 +563,9 @@ def run_round(
     image_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else round_dir / "checkpoint"
 
-    pipeline = load_pipeline(model_dir, pipeline_settings(srum_cfg, model_cfg))
+    # the round's model settings; without them the release's own image size and no bridge settings (SRUM's prompts
+    # are text-to-image: no reference for the bridge to mask while sampling)
+    pipeline = load_pipeline(model_dir, None if model_cfg is None else pipeline_settings(model_cfg))
     grid = pipeline.latent_grid
     if judge is None:
         judge = make_reward_judge(srum_cfg.judge, pipeline=pipeline, openai_cfg=openai_cfg)

@@ -78,7 +78,7 @@ from model.bagel.config import BagelConfig, preset
 from model.bagel.model import AE_PREFIX, BagelModel
 from model.bagel.packing import PackedSample
 from model.bagel.qwen2_mot import GEN_SUFFIX
-from model.bagel.release import FAMILY_SPEC, MARKER, mark_release  # noqa: F401  (family API)
+from model.bagel.release import FAMILY_SPEC, MARKER, ClosedOnExit, mark_release  # noqa: F401  (family API)
 from model.bagel.release import (TOKENIZER_FILES, WEIGHT_NAMES, ReleaseWriter, _shapes, find_weights,
                                  load_release, load_release_partitioned, load_tokenizer)
 from model.config import BridgeConfig
@@ -364,7 +364,7 @@ class BagelForTraining(nn.Module):
         return TrainingReleaseWriter(writer, self.save_dtype)
 
 
-class TrainingReleaseWriter:
+class TrainingReleaseWriter(ClosedOnExit):
     """`ReleaseWriter` under BagelForTraining's parameter names (PREFIX + release key). Floating tensors are cast
     to the release's stored dtype on a host copy made at once, so the caller may free or reuse what it passed
     (ZeRO-3 re-partitions a gathered weight as soon as its group is done); `close` also adds the marker."""
@@ -386,15 +386,6 @@ class TrainingReleaseWriter:
 
     def abort(self) -> None:
         self.writer.abort()
-
-    def __enter__(self) -> "TrainingReleaseWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def load(path: Path) -> BagelForTraining:

@@ -305,7 +305,21 @@ def save_weights(state: dict[str, torch.Tensor], directory: Path, name: str,
     return writer.close()
 
 
-class ReleaseWriter:
+class ClosedOnExit:
+    """A writer as a `with` block: `close()` (publish) when the block ends normally, `abort()` when it raises, so
+    an interrupted save never leaves what looks like a finished release."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ReleaseWriter(ClosedOnExit):
     """A release directory written as its weights arrive (`add(key, tensor)` with the model's state-dict keys, in
     any order), for savers that gather a model piece by piece: the unified model's weights stream into
     `ShardedWriter` shards; the autoencoder's (`ae.*`, small, one file by the layout) are held until `close`.
@@ -369,14 +383,6 @@ class ReleaseWriter:
         self._main.abort()
         self._ae = {}
 
-    def __enter__(self) -> "ReleaseWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def save_release(model: BagelModel, directory: Path, weights_name: str = "ema.safetensors",
