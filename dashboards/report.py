@@ -21,14 +21,18 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from data.formats.jsonl import ignore_bad_line, read_jsonl
+from evaluation.paper_results import SCONE_TABLE3
 # the metric and tag vocabulary shared with the tasks that log them (constants only: the report talks to MLflow itself)
-from registry import LOSS_METRICS, SCONEEVAL_OVERALL, SRUM_PREFIX, T2I_PREFIX, TABLE3_COLUMNS
+from registry import (LOSS_METRICS, MICO_COLUMNS, MIGE_COLUMNS, SCONEEVAL_OVERALL, SRUM_PREFIX, T2I_PREFIX,
+                      TABLE3_COLUMNS)
 
-# Scone paper, Table 3 (SconeEval, GPT-4.1 judge, 1024 px), in TABLE3_COLUMNS order. Context only: our tiny model
-# is judged by the oracle on 32 px renders, so the numbers are not comparable, the layout is.
-PAPER_TABLE3: dict[str, tuple[float, ...]] = {
-    "BAGEL† (paper, base model)": (7.14, 5.55, 7.49, 7.95, 6.93, 6.21, 6.44, 7.38, 6.87, 7.27, 6.74, 7.20, 6.97),
-    "Scone (paper)": (8.52, 7.40, 8.98, 9.73, 7.97, 7.74, 8.20, 9.25, 8.21, 8.44, 8.21, 8.79, 8.50),
+# Rows of the Scone paper's Table 3 (evaluation.paper_results; TABLE3_COLUMNS order) shown beside ours.
+# Context only: our tiny model is judged by the oracle on 32 px renders, so the numbers are not comparable, the
+# layout is.
+PAPER_ROWS: dict[str, tuple[float | None, ...]] = {
+    "BAGEL† (paper, base model)": SCONE_TABLE3["BAGEL"],
+    "Scone (paper)": SCONE_TABLE3["Scone"],
 }
 MAX_SAMPLES_PER_CHECKPOINT = 8
 THUMBNAIL_PX = 96
@@ -140,11 +144,7 @@ def collect_checkpoints(client, model_name: str) -> list[Checkpoint]:
 
 def _metrics_jsonl_series(path: Path) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {k: [] for k in LOSS_METRICS}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in read_jsonl(path, ignore_bad_line):  # a file training may still be appending to
         if not isinstance(rec, dict) or "step" not in rec:
             continue
         for k in LOSS_METRICS:
@@ -290,8 +290,41 @@ def _table3(ckpts: Sequence[Checkpoint]) -> dict:
                      {"cls": "best" if c.metrics[k] == best[k] and len(ckpts) > 1 else None, "text": _fmt(c.metrics[k])}
                      for k in keys]
         rows.append({"label": c.label, "aliases": c.aliases, "cells": cells})
-    paper = [{"name": name, "values": [f"{v:.2f}" for v in values]} for name, values in PAPER_TABLE3.items()]
+    paper = [{"name": name, "values": [f"{v:.2f}" for v in values]} for name, values in PAPER_ROWS.items()]
     return {"labels": [label for label, _ in TABLE3_COLUMNS], "rows": rows, "paper": paper}
+
+
+def _leaderboard(ckpts: Sequence[Checkpoint], columns: Sequence[tuple[str, str]]) -> dict:
+    """Our checkpoints' rows of a benchmark table: one cell per (label, metric) column, best of each bolded."""
+    keys = [k for _, k in columns]
+    best = {k: max((c.metrics[k] for c in ckpts if k in c.metrics), default=None) for k in keys}
+    rows = []
+    for c in ckpts:
+        cells = None
+        if any(k in c.metrics for k in keys):
+            cells = [{"cls": "missing", "text": "not run"} if k not in c.metrics else
+                     {"cls": "best" if c.metrics[k] == best[k] and len(ckpts) > 1 else None, "text": _fmt(c.metrics[k])}
+                     for k in keys]
+        rows.append({"label": c.label, "aliases": c.aliases, "cells": cells})
+    return {"labels": [label for label, _ in columns], "rows": rows}
+
+
+def _heldout_tables(ckpts: Sequence[Checkpoint]) -> dict:
+    """MICo-Bench (Table 2 layout, the paper's rows beside ours) and MIGE-Bench (ours; MIGE Table 3's rows in their
+    own feature-metric columns): the papers' numbers from evaluation.paper_results, the one place they live."""
+    from evaluation.paper_results import MICO_TABLE2, MIGE_TABLE3, MIGE_TABLE3_COLUMNS
+
+    mico = _leaderboard(ckpts, MICO_COLUMNS)
+    extra = len(MICO_COLUMNS) - len(next(iter(MICO_TABLE2.values())))
+    mico["paper"] = [{"name": f"{name} (paper)", "values": [f"{v:.1f}" for v in values] + ["-"] * extra}
+                     for name, values in MICO_TABLE2.items()]
+    mige = _leaderboard(ckpts, MIGE_COLUMNS)
+    mige["paper_labels"] = [f"{edit.capitalize()} {c}" for edit in ("replacement", "addition") for c in MIGE_TABLE3_COLUMNS]
+    mige["paper"] = []  # other figures: MIGE Table 3's rows go in a table of their own
+    mige["paper_table"] = [{"name": f"{name} (paper)",
+                      "values": ["-" if v is None else f"{v:.3f}" for v in (*rows["replacement"], *rows["addition"])]}
+                     for name, rows in MIGE_TABLE3.items()]
+    return {"mico": mico, "mige": mige}
 
 
 def _gate(ckpts: Sequence[Checkpoint]) -> list[dict]:
@@ -360,6 +393,7 @@ def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path 
     links outside the report folder (the Data Docs) are relative to: by default `artifacts/reports`, where
     tasks.report swaps the folder it builds in staging.
     """
+    from dashboards.diagnostics import diagnostics_section
     from dashboards.plots import plot_curves, plot_overall
 
     artifacts = Path(artifacts)
@@ -378,7 +412,7 @@ def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path 
 
     overall = None
     if any(SCONEEVAL_OVERALL in c.metrics for c in ckpts):
-        refs = {name: values[-1] for name, values in PAPER_TABLE3.items()}
+        refs = {name: values[-1] for name, values in PAPER_ROWS.items()}
         overall = plot_overall([c.label for c in ckpts], [c.metrics.get(SCONEEVAL_OVERALL) for c in ckpts], refs,
                                out_dir / "sconeeval_overall.png").name
 
@@ -401,10 +435,11 @@ def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path 
         title=f"scone-ops report: {model_name}", model_name=model_name,
         champion=next((c.label for c in ckpts if "champion" in c.aliases), "none"), n_versions=len(ckpts),
         store_note=store_note, generated=dt.datetime.now().isoformat(timespec="seconds"),
-        table3=_table3(ckpts), overall=overall, gate=_gate(ckpts), curves=curves,
+        table3=_table3(ckpts), heldout=_heldout_tables(ckpts), overall=overall, gate=_gate(ckpts), curves=curves,
         prefix_tables=[_prefix_table(ckpts, SRUM_PREFIX, "srum", "SRUM", "SRUM rewards"),
                        _prefix_table(ckpts, T2I_PREFIX, "t2i", "compositional T2I", "Compositional T2I")],
         ablation=_srum_ablation(artifacts, out_dir), samples=samples,
+        diagnostics=diagnostics_section(ckpts, artifacts, out_dir),
         validation=_validation(artifacts, publish_dir), datacards=_datacards(artifacts, out_dir),
     )
     out.write_text(page)

@@ -9,9 +9,16 @@
 - srum_prompts: compositional text-to-image prompts with their target scene graphs.
 - t2i_pretrain: text-to-image rows (no references) of the same prompt world, another stream (data.t2i): the
   T2I competence a unified base model brings, mixed into Stage I.
+- und_pretrain: understanding rows (one image, questions about presence, colour, shape, texture, count, position
+  and scene with one-word and yes / no answers, short captions; data.understanding): the understanding a unified
+  base model brings, taught in the first stage (und_pretrain).
+- und_heldout: the held-out understanding questions (held-out subject combinations, other images) every
+  checkpoint is scored on (evaluation.understanding).
 
 - mico: MICo-150K's 27 composition types and De&Re over the subject world (data.mico), Scone-S2I layout.
 - mige_edit: MIGE's instruction-based subject addition / replacement with <imagehere> instructions (data.mige).
+- mico_bench, mige_bench: held-out MICo-Bench / MIGE-Bench cases (data.heldout) in those benchmarks' own layouts
+  (data.formats.mico_bench, data.formats.mige_bench), scored per checkpoint beside SconeEval.
 
 Rows failing the structural checks of data.quality or the row checks of data.quarantine go to
 <root>/quarantine/<name>.parquet (row + `reason`); more than quality.max_quarantine_fraction of them fails
@@ -21,49 +28,29 @@ are then rewritten by the LLM from the referring phrases alone (data.llm_writer)
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
 
+from data.catalog import (ALL_DATASETS, BASE, BENCH, DATASETS, HELDOUT_BENCHES, MICO, MICO_BENCH, MIGE, MULTI, REFINED,
+                          S2I_DATASETS, SRUM, T2I, UND, UND_HELDOUT, min_images_of)
 from data.config import DataConfig
 from data.formats import scone_s2i, sconeeval, srum_prompts
-from data.instructions import get_writer
+from data.mico import mico_cases, skipped_types
+from data.mige import mige_cases
 from data.parallel import render_rows
 from data.quality import check_case, get_judge
 from data.quarantine import DataQualityError, RowFilter, enforce_threshold, row_key, write_quarantine
 from data.records import TASK_TYPES, Case
-from data.world import DEFECTS, World
+from data.t2i import t2i_cases
+from data.world import DEFECTS, dataset_world
 
-BASE = "scone_single_candidate_base"
-REFINED = "scone_single_candidate_refined"
-MULTI = "scone_multi_candidate"
-BENCH = "sconeeval_bench"
-SRUM = "srum_prompts"
-MICO = "mico"
-MIGE = "mige_edit"
-T2I = "t2i_pretrain"
-S2I_DATASETS = (BASE, REFINED, MULTI, MICO, MIGE, T2I)
-DATASETS = (BASE, REFINED, MULTI, T2I, BENCH, SRUM)  # the chain of the Scone recipe (tasks/paths.py DATASETS)
-EXTRA_DATASETS = (MICO, MIGE)  # built on request: MICo-150K and MIGE coverage of the subject world
-ALL_DATASETS = (*DATASETS, *EXTRA_DATASETS)
 MULTI_SUBJECT_SHARE = 0.6  # base rows with 2+ references (the rest: one subject)
 DISTINCTION_TASKS = TASK_TYPES[2:]
 
-
-def min_images_of(name: str) -> int:
-    """Images a row of dataset `name` holds at least: references and the target; T2I rows have the target only."""
-    return 1 if name == T2I else 2
-
-
 __all__ = ["DataQualityError", "build_dataset", "build_all", "ALL_DATASETS", "DATASETS"]
-
-
-def _world(cfg: DataConfig, stream: str, split: str) -> World:
-    # always the template writer while drawing: the cases must not depend on an LLM's answers
-    return World(cfg.seed, stream, split=split, image_size=cfg.image_size, writer=get_writer("template"))
 
 
 def _rewrite_instructions(cases: list[Case], cfg: DataConfig) -> list[Case]:
@@ -83,7 +70,7 @@ def _progress(n: int, name: str):
 
 def base_cases(cfg: DataConfig) -> list[Case]:
     """The base pool, defects included (deterministic: the refined subset is derived from the same rows)."""
-    world = _world(cfg, BASE, "train")
+    world = dataset_world(cfg, BASE, "train")
     n = cfg.sizes.base
     spoilt = set(world.rng.choice(n, round(cfg.defect_fraction * n), replace=False).tolist())
     cases = []
@@ -116,7 +103,7 @@ def multi_candidate_cases(cfg: DataConfig) -> list[Case]:
         tasks = ("distinction_cross", "distinction_intra")
     else:
         tasks = DISTINCTION_TASKS
-    world = _world(cfg, MULTI, "train")
+    world = dataset_world(cfg, MULTI, "train")
     n = cfg.sizes.multi_candidate
     cases = []
     with _progress(n, MULTI) as bar:
@@ -127,7 +114,7 @@ def multi_candidate_cases(cfg: DataConfig) -> list[Case]:
 
 
 def bench_cases(cfg: DataConfig) -> list[Case]:
-    world = _world(cfg, BENCH, "heldout")
+    world = dataset_world(cfg, BENCH, "heldout")
     return [
         world.case(f"{task}_{i:04d}", task, cfg.max_references)
         for task in TASK_TYPES
@@ -199,18 +186,16 @@ def build_dataset(name: str, cfg: DataConfig) -> dict:
         if name == MULTI:
             cases = multi_candidate_cases(cfg)
         elif name == MICO:
-            from data.mico import mico_cases, skipped_types
-
             cases = mico_cases(cfg)
             extra["skipped_types"] = skipped_types(cfg)
         elif name == MIGE:
-            from data.mige import mige_cases
-
             cases = mige_cases(cfg)
         elif name == T2I:
-            from data.t2i import t2i_cases
-
             cases = t2i_cases(cfg)
+        elif name in (UND, UND_HELDOUT):
+            from data.understanding import understanding_cases
+
+            cases = understanding_cases(cfg, name)
         else:
             cases = base_cases(cfg)
         if name == BASE:
@@ -229,8 +214,18 @@ def build_dataset(name: str, cfg: DataConfig) -> dict:
         cases, quarantined = _quarantine_cases(_rewrite_instructions(bench_cases(cfg), cfg), cfg, name)
         path = sconeeval.write_bench(cases, root / BENCH)
         return _summary(name, cases, quarantined, started, files=[str(path)])
+    if name in HELDOUT_BENCHES:  # MICo-Bench / MIGE-Bench cases, each in its benchmark's layout
+        from data.formats.mico_bench import write_mico_bench
+        from data.formats.mige_bench import write_mige_bench
+        from data.heldout import mico_bench_cases, mige_bench_cases
+
+        make, write = ((mico_bench_cases, write_mico_bench) if name == MICO_BENCH
+                       else (mige_bench_cases, write_mige_bench))
+        cases, quarantined = _quarantine_cases(_rewrite_instructions(make(cfg), cfg), cfg, name)
+        path = write(cases, root / name)
+        return _summary(name, cases, quarantined, started, files=[str(path)])
     if name == SRUM:
-        rows = srum_prompts.make_prompts(_world(cfg, SRUM, "train"), cfg.sizes.srum_prompts)
+        rows = srum_prompts.make_prompts(dataset_world(cfg, SRUM, "train"), cfg.sizes.srum_prompts)
         path = srum_prompts.write_prompts(rows, root / SRUM / "prompts.jsonl")
         summary = {
             "name": name,

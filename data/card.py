@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from data.config import DataConfig
 from data.formats import scone_s2i
+from data.formats.jsonl import read_jsonl
 
 SHEET_ROWS = 6
 THUMB = 64
@@ -38,10 +39,7 @@ def _rows(name: str, cfg: DataConfig) -> list[dict]:
     bench = root / name / "data.jsonl"
     if bench.exists():
         out = []
-        for line in bench.read_text().splitlines():
-            if not line.strip():
-                continue
-            r = json.loads(line)
+        for r in read_jsonl(bench):
             images = [(root / name / p).read_bytes() for p in r.get("input_images", [])]
             target = root / name / "targets" / f"{r.get('key')}.png"
             out.append({"instruction": r.get("instruction"), "task_type": r.get("task_type"), "case_type": r.get("case_type"),
@@ -50,7 +48,7 @@ def _rows(name: str, cfg: DataConfig) -> list[dict]:
     prompts = root / name / "prompts.jsonl"
     if prompts.exists():
         return [{"instruction": r["prompt"], "task_type": r.get("category"), "case_type": None, "images": [], "has_target": False}
-                for r in map(json.loads, filter(str.strip, prompts.read_text().splitlines()))]
+                for r in read_jsonl(prompts)]
     raise FileNotFoundError(f"dataset {name!r} not found under {root}; build or import it first")
 
 

@@ -20,6 +20,14 @@ class DatasetSizes(Strict):
     mico: int = Field(54, ge=1, description="MICo-150K-style rows, spread evenly over its composition types and De&Re")
     mige_edit: int = Field(32, ge=1, description="MIGE-style subject addition / replacement rows (half each)")
     t2i_pretrain: int = Field(384, ge=1, description="text-to-image rows (no references) over the seven T2I categories")
+    und_pretrain: int = Field(2048, ge=1, description="understanding rows: images of the training combinations with "
+                              "questions about them (data.understanding)")
+    und_heldout: int = Field(64, ge=1, description="held-out understanding images (held-out combinations), every "
+                             "question type asked of each: the per-checkpoint understanding score")
+    mico_bench_per_task: int = Field(1, ge=1, description="held-out MICo-Bench-layout cases per MICo sub-task (7) "
+                                     "and De&Re (data.heldout)")
+    mige_bench_per_edit: int = Field(4, ge=1, description="held-out MIGE-Bench-layout cases per edit type "
+                                     "(subject addition, replacement)")
 
 
 class QualityConfig(Strict):

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from data.config import DataConfig
 from data.formats import scone_s2i
+from data.formats.jsonl import iter_jsonl, read_jsonl
 from data.quarantine import RowFilter, _image_problem, enforce_threshold, row_key, write_quarantine
 from data.validate import validate_dataset
 
@@ -161,14 +162,11 @@ def _import_bench(src: Path, name: str, cfg: DataConfig) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     good, bad, seen = [], [], set()
-    for n, line in enumerate(data.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append(({"key": f"line {n}", "instruction": line[:200]}, f"not JSON ({e.msg})"))
-            continue
+
+    def not_json(n: int, line: str, why: str) -> None:
+        bad.append(({"key": f"line {n}", "instruction": line[:200]}, f"not JSON ({why})"))
+
+    for _, row in iter_jsonl(data, on_bad_line=not_json):  # in line order, bad lines among the rows
         problems = _bench_problems(row, src, cfg, seen)
         if problems:
             bad.append((row, "; ".join(problems)))
@@ -181,8 +179,8 @@ def _import_bench(src: Path, name: str, cfg: DataConfig) -> dict:
     truth = src / "ground_truth.jsonl"
     if truth.is_file():
         kept = {r["key"] for r in good}
-        lines = [ln for ln in truth.read_text().splitlines() if ln.strip() and json.loads(ln).get("key") in kept]
-        (out / "ground_truth.jsonl").write_text("".join(ln + "\n" for ln in lines))
+        rows = [r for r in read_jsonl(truth) if r.get("key") in kept]
+        (out / "ground_truth.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     qpath = write_quarantine(bad, cfg, name)
     enforce_threshold(len(bad), len(good) + len(bad), cfg, name, [(str(r.get("key")), why) for r, why in bad])
     report = validate_dataset(name, cfg)

@@ -57,6 +57,23 @@ INSTRUCTION_TEMPLATES = (
     "create a picture of {mentions} {background}",
 )
 QA_TEMPLATES = ("is there {desc}", "is {desc} {position}", "is this {background}")
+# Understanding questions (data.understanding): what the scene graph says, asked in one-word and yes / no forms and
+# answered by a short caption. The yes / no forms of presence, position and scene are QA_TEMPLATES, as the self
+# judge asks them; {ref} is a referring phrase ("the red one", "the circle on the left"), {noun} a plural.
+UNDERSTANDING_TEMPLATES = {
+    "colour": "what colour is {ref}",
+    "colour_yes_no": "is {ref} {colour}",
+    "shape": "what is {ref}",
+    "shape_yes_no": "is {ref} a {category}",
+    "texture": "what pattern is {ref}",
+    "texture_yes_no": "is {ref} {texture}",
+    "count": "how many {noun} are there",
+    "count_yes_no": "are there {number} {noun}",
+    "position": "where is {ref}",
+    "scene": "what place is this",
+    "caption": "describe the image",
+}
+UNDERSTANDING_WORDS = ("zero", "things", "one")  # a count of none; the noun of every subject; "the red one"
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 PLURALS = {c: f"{c}s" for c in (*OBJECT_CATEGORIES, *CHARACTER_CATEGORIES)} | {"person": "people"}
 T2I_RELATIONS = {  # SRUM prompts: spatial relation phrase -> (slot of the first subject, slot of the second)
@@ -324,6 +341,8 @@ def _vocabulary() -> list[str]:
         *(s.replace("{k}", "") for s in SOURCE_LINKS + SCENE_LINKS),
         *INSTRUCTION_TEMPLATES,
         *QA_TEMPLATES,
+        *UNDERSTANDING_TEMPLATES.values(),
+        *UNDERSTANDING_WORDS,
         *NUMBER_WORDS.values(),
         *PLURALS.values(),
         *T2I_RELATIONS,

@@ -2,19 +2,16 @@
 
 The LLM sees only what the instruction must convey, the referring phrases from step 1 with their image
 numbers, target positions and the background, never the images, so it cannot name a distractor or mix up
-images (Scone Sec. 4.2). Answers are cached on disk (key: model + prompt hash), requested concurrently
-(at most data.llm.max_concurrency at once) and retried with exponential backoff on transport errors. An
-answer that drops or changes a phrase, names a subject it was not given, or leaves the word list the
-tokenizer knows is an error (LLMWriterError), never silently replaced by the template.
+images (Scone Sec. 4.2). The requests go through the project's one client (data.openai_client, the judges'
+too): answers cached on disk (one per prompt: model + messages + sampling parameters), all of a build in
+flight together (at most data.llm.max_concurrency at once), retried with exponential backoff on transport
+errors, 429 and 5xx. An answer that drops or changes a phrase, names a subject it was not given, or leaves the
+word list the tokenizer knows is unusable: asked again like a failed request, then an error (LLMWriterError)
+naming the problems and the prompt, never silently replaced by the template.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from data.instructions import (
     VOCABULARY,
     InstructionPlan,
 )
+from data.openai_client import AnswerError, ChatClient, EndpointConfig, EndpointConfigError, Request, RequestError
 from data.records import Case
 from data.scene import CHARACTER_CATEGORIES, COLOURS, OBJECT_CATEGORIES, SIZES, TEXTURES
 
@@ -40,6 +38,10 @@ SUBJECT_WORDS = frozenset((*OBJECT_CATEGORIES, *CHARACTER_CATEGORIES, *COLOURS, 
 
 class LLMWriterError(RuntimeError):
     """The LLM could not be reached after retries or its answer broke the instruction rules."""
+
+
+class InstructionAnswerError(AnswerError):
+    """An answer that breaks the instruction rules (the client asks again, then raises it)."""
 
 
 def clause(mention, layout: str) -> str:
@@ -88,80 +90,53 @@ def check_instruction(text: str, plan: InstructionPlan) -> list[str]:
     return problems
 
 
+def endpoint_config(llm: LLMWriterConfig, cache_dir: str | Path) -> EndpointConfig:
+    """data.llm's settings as the shared client's (one answer cache per build root)."""
+    return EndpointConfig(model=llm.model, base_url=llm.base_url, concurrency=llm.max_concurrency,
+                          max_retries=llm.max_retries, timeout_s=llm.timeout_s, backoff_s=llm.backoff_s,
+                          temperature=llm.temperature, cache=True, cache_dir=str(cache_dir))
+
+
 @dataclass
 class OpenAIWriter:
-    """Writer (data.instructions.Writer) backed by an OpenAI-compatible endpoint, with a disk cache."""
+    """Writer (data.instructions.Writer) backed by an OpenAI-compatible endpoint through data.openai_client."""
 
     llm: LLMWriterConfig
     cache_dir: Path
-    client: object | None = None
+    client: ChatClient | None = None
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir)
         if self.client is None:
-            from openai import OpenAI
-
-            base_url = self.llm.base_url or os.environ.get("OPENAI_BASE_URL")
-            key = os.environ.get(self.llm.api_key_env)
-            if not key and not base_url:
-                raise LLMWriterError(
-                    f"instruction_writer=openai needs an endpoint: set {self.llm.api_key_env} (and OPENAI_BASE_URL or "
-                    "data.llm.base_url for another OpenAI-compatible server), or set data.instruction_writer=template"
-                )
-            # our own retry loop (with backoff and a clear final error) replaces the SDK's
-            self.client = OpenAI(base_url=base_url, api_key=key or "unused", max_retries=0, timeout=self.llm.timeout_s)
-
-    def cache_path(self, prompt: str) -> Path:
-        digest = hashlib.sha256(f"{self.llm.model}\n{SYSTEM_PROMPT}\n{prompt}".encode()).hexdigest()
-        return self.cache_dir / f"{digest}.json"
-
-    def _ask(self, prompt: str) -> str:
-        import openai
-
-        transient = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError)
-        last: Exception | None = None
-        for attempt in range(self.llm.max_retries + 1):
             try:
-                answer = self.client.chat.completions.create(
-                    model=self.llm.model,
-                    temperature=self.llm.temperature,
-                    messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
-                )
-                return answer.choices[0].message.content or ""
-            except transient as e:
-                last = e
-                if attempt < self.llm.max_retries:
-                    time.sleep(self.llm.backoff_s * 2**attempt)
-            except openai.APIStatusError as e:  # 4xx: retrying will not help
-                raise LLMWriterError(f"instruction LLM {self.llm.model} refused the request: {e}") from e
-        raise LLMWriterError(
-            f"instruction LLM {self.llm.model} unreachable after {self.llm.max_retries + 1} attempts: "
-            f"{type(last).__name__}: {last}"
-        ) from last
+                self.client = ChatClient(endpoint_config(self.llm, self.cache_dir), api_key_env=self.llm.api_key_env)
+            except EndpointConfigError as e:
+                raise LLMWriterError(f"instruction_writer=openai: {e}; or set data.instruction_writer=template") from None
+
+    def request(self, plan: InstructionPlan) -> Request:
+        prompt = build_prompt(plan)
+        what = f"instruction for {', '.join(m.phrase for m in plan.mentions)}"
+
+        def parse(raw: str | None) -> str:
+            text = normalise(raw or "")
+            problems = check_instruction(text, plan)
+            if problems:
+                raise InstructionAnswerError(f"instruction LLM {self.llm.model} answered {raw!r}: {'; '.join(problems)}. "
+                                             f"Prompt:\n{prompt}")
+            return text
+
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+        return Request("data.llm", "instruction", what, messages, parse, repeat=False)
 
     def write(self, plan: InstructionPlan) -> str:
-        prompt = build_prompt(plan)
-        path = self.cache_path(prompt)
-        if path.exists():
-            return json.loads(path.read_text())["instruction"]
-        raw = self._ask(prompt)
-        text = normalise(raw)
-        problems = check_instruction(text, plan)
-        if problems:
-            raise LLMWriterError(
-                f"instruction LLM {self.llm.model} answered {raw!r}: {'; '.join(problems)}. Prompt:\n{prompt}\n"
-                "Use a stronger model, or data.instruction_writer=template"
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": self.llm.model, "prompt": prompt, "instruction": text}, sort_keys=True))
-        tmp.replace(path)  # atomic: concurrent builds never read half an entry
-        return text
+        return self.write_many([plan])[0]
 
     def write_many(self, plans: list[InstructionPlan]) -> list[str]:
         """Instructions for `plans`, in order, at most max_concurrency requests at a time."""
-        with ThreadPoolExecutor(max_workers=self.llm.max_concurrency) as pool:
-            return list(pool.map(self.write, plans))
+        try:
+            return self.client.ask([self.request(p) for p in plans])
+        except (AnswerError, RequestError) as e:
+            raise LLMWriterError(f"{e}\nUse a stronger model, or data.instruction_writer=template") from e
 
 
 def default_cache_dir(cfg: DataConfig) -> Path:
@@ -170,9 +145,14 @@ def default_cache_dir(cfg: DataConfig) -> Path:
 
 def rewrite_cases(cases: list[Case], cfg: DataConfig, writer: OpenAIWriter | None = None) -> list[Case]:
     """Cases with their planned instructions rewritten by the LLM (cases without a plan are kept)."""
+    own = writer is None
     writer = writer or OpenAIWriter(cfg.llm, default_cache_dir(cfg))
     planned = [i for i, c in enumerate(cases) if "plan" in c.meta]
-    texts = writer.write_many([InstructionPlan.from_dict(cases[i].meta["plan"]) for i in planned])
+    try:
+        texts = writer.write_many([InstructionPlan.from_dict(cases[i].meta["plan"]) for i in planned])
+    finally:
+        if own:
+            writer.client.close()
     out = list(cases)
     for i, text in zip(planned, texts):
         c = cases[i]

@@ -29,11 +29,12 @@ from dataclasses import asdict
 
 import numpy as np
 
+from data.catalog import MICO
 from data.config import DataConfig
 from data.instructions import MAX_INSTRUCTION_WORDS, InstructionPlan, Mention, fit_style, unique_cues, word_count
 from data.records import Case
 from data.scene import COLOURS, SCENES, Scene, Subject
-from data.world import EXTRA_COLOUR_SHARE, LAYOUTS, ROW_LAYOUT, Exhausted, World, layout_scene
+from data.world import EXTRA_COLOUR_SHARE, LAYOUTS, ROW_LAYOUT, Exhausted, World, dataset_world, layout_scene
 
 ENTITY_POOLS: dict[str, tuple[str, ...]] = {
     "O": ("circle", "square"),
@@ -239,10 +240,8 @@ def enabled_types(cfg: DataConfig) -> list[str]:
 
 def mico_cases(cfg: DataConfig) -> list[Case]:
     """cfg.sizes.mico rows, the composition types in turn (MICo balances its types, Table 1)."""
-    from data.build import MICO, _world
-
     types = enabled_types(cfg)
     if not types:
         raise ValueError(f"no MICo composition type fits data.mico_max_references={cfg.mico_max_references}; it needs >= 2")
-    sampler = MicoSampler(_world(cfg, MICO, "train"), cfg.mico_max_references)
+    sampler = MicoSampler(dataset_world(cfg, MICO, "train"), cfg.mico_max_references)
     return [sampler.case(f"mico_{i:06d}", types[i % len(types)]) for i in range(cfg.sizes.mico)]

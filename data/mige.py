@@ -14,11 +14,12 @@ replacement, the uid of the replaced subject.
 """
 from __future__ import annotations
 
+from data.catalog import MIGE
 from data.config import DataConfig
 from data.instructions import IMAGE_PLACEHOLDER, edit_instruction, referring_phrase, unique_cues
 from data.records import Case, case_type_of
 from data.scene import SCENES
-from data.world import EXTRA_COLOUR_SHARE, LAYOUTS, ROW_LAYOUT, Exhausted, World, layout_scene
+from data.world import EXTRA_COLOUR_SHARE, LAYOUTS, ROW_LAYOUT, Exhausted, World, dataset_world, layout_scene
 
 EDIT_TYPES = ("addition", "replacement")
 TASK_OF = {"addition": "subject_addition", "replacement": "subject_replacement"}
@@ -113,9 +114,7 @@ def edit_case(world: World, key: str, edit_type: str) -> Case:
 
 def mige_cases(cfg: DataConfig) -> list[Case]:
     """cfg.sizes.mige_edit rows, addition and replacement in turn (MIGE samples them 1:1)."""
-    from data.build import MIGE, _world
-
     if cfg.max_references < 2:
         raise ValueError("mige_edit rows have two inputs (subject and source); data.max_references must be >= 2")
-    world = _world(cfg, MIGE, "train")
+    world = dataset_world(cfg, MIGE, "train")
     return [edit_case(world, f"mige_{i:06d}", EDIT_TYPES[i % 2]) for i in range(cfg.sizes.mige_edit)]

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from data.catalog import ALL_DATASETS
 from data.config import DataConfig
 
 REASON = "reason"
@@ -40,8 +41,6 @@ def validation_quarantine_path(root: str | Path, name: str) -> Path:
 
 def fix_hint(name: str, *, row: bool = True, kind: str = "scone-s2i") -> str:
     """What to do about a bad row (row=True) or a bad file of dataset `name`: ours are rebuilt, imports re-imported."""
-    from data.build import ALL_DATASETS  # lazy: only needed on the error path, and the builder pulls in the renderer
-
     if name in ALL_DATASETS:
         return f"rebuild it with `scone data build {name}`"
     what = "fix or drop the row in the source" if row else "fix the source files"

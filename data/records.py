@@ -32,7 +32,9 @@ MICO_TASK_TYPES = (
 MIGE_TASK_TYPES = ("subject_addition", "subject_replacement")
 # Text-to-image rows (data.t2i): no references, the image list holds only the target.
 T2I_TASK_TYPES = ("text_to_image",)
-ALL_TASK_TYPES = (*TASK_TYPES, *MICO_TASK_TYPES, *MIGE_TASK_TYPES, *T2I_TASK_TYPES)
+# Understanding rows (data.understanding): one image and questions about it; no generation target to learn.
+UNDERSTANDING_TASK_TYPES = ("understanding",)
+ALL_TASK_TYPES = (*TASK_TYPES, *MICO_TASK_TYPES, *MIGE_TASK_TYPES, *T2I_TASK_TYPES, *UNDERSTANDING_TASK_TYPES)
 
 # Columns of a training shard (Scone-S2I-57K layout plus our metadata columns).
 ROW_COLUMNS = (

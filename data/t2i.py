@@ -9,19 +9,19 @@ list holds only the target. Their yes/no questions about the target train the un
 """
 from __future__ import annotations
 
+from data.catalog import T2I
 from data.config import DataConfig
 from data.formats.srum_prompts import make_prompts
 from data.records import Case
 from data.scene import Scene
+from data.world import dataset_world
 
 TASK_TYPE = "text_to_image"
 
 
 def t2i_cases(cfg: DataConfig) -> list[Case]:
     """cfg.sizes.t2i_pretrain prompt rows, categories in turn."""
-    from data.build import T2I, _world
-
-    world = _world(cfg, T2I, "train")
+    world = dataset_world(cfg, T2I, "train")
     cases = []
     for row in make_prompts(world, cfg.sizes.t2i_pretrain):
         case = Case(

@@ -37,12 +37,13 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from data.build import BENCH, MICO, MIGE, S2I_DATASETS, SRUM, T2I, min_images_of
+from data.catalog import BENCH, MICO, MIGE, S2I_DATASETS, SRUM, T2I, UND, UND_HELDOUT, min_images_of
 from data.config import DataConfig
 from data.formats import scone_s2i
 from data.formats.jsonl import read_jsonl
 from data.quarantine import RowFilter, fix_hint, row_key, validation_quarantine_path, write_quarantine
-from data.records import MICO_TASK_TYPES, MIGE_TASK_TYPES, ROW_COLUMNS, T2I_TASK_TYPES, TASK_TYPES
+from data.records import (MICO_TASK_TYPES, MIGE_TASK_TYPES, ROW_COLUMNS, T2I_TASK_TYPES, TASK_TYPES,
+                          UNDERSTANDING_TASK_TYPES)
 from data.scene import Scene
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no usage statistics calls from CI or laptops
@@ -52,7 +53,8 @@ BENCH_COLUMNS = ("key", "task_type", "case_type", "instruction", "input_images",
 # such as the released Scone-S2I-57K shards carry only these).
 S2I_BASE_COLUMNS = ("image", "instruction")
 BENCH_BASE_COLUMNS = ("instruction", "input_images")
-TASK_TYPES_OF = {MICO: MICO_TASK_TYPES, MIGE: MIGE_TASK_TYPES, T2I: T2I_TASK_TYPES}
+TASK_TYPES_OF = {MICO: MICO_TASK_TYPES, MIGE: MIGE_TASK_TYPES, T2I: T2I_TASK_TYPES, UND: UNDERSTANDING_TASK_TYPES,
+                 UND_HELDOUT: UNDERSTANDING_TASK_TYPES}
 SRUM_COLUMNS = ("key", "category", "prompt", "target")
 MAX_EXAMPLES = 5
 SHARD, ROW = scone_s2i.SHARD_COLUMN, scone_s2i.ROW_COLUMN

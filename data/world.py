@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 
+from data.config import DataConfig
 from data.instructions import (
     MAX_INSTRUCTION_WORDS,
     InstructionPlan,
@@ -19,6 +20,7 @@ from data.instructions import (
     cues_match,
     describe,
     fit_style,
+    get_writer,
     qa_background,
     qa_position,
     qa_there,
@@ -398,3 +400,10 @@ class World:
             extra[int(self.rng.integers(n))] += int(n == 2)  # 2 refs: one of them gets a third candidate
             return self.add_candidates(base, task_type.split("_")[-1], extra)
         raise ValueError(f"unknown task_type {task_type!r}")
+
+
+def dataset_world(cfg: DataConfig, stream: str, split: str = "train") -> World:
+    """The world a dataset (or any other stream, e.g. held-out prompts) draws its cases from, under a DataConfig:
+    seeded by cfg.seed and the stream's name. Always the template writer while drawing: the cases must not depend
+    on an LLM's answers (data.build rewrites instructions afterwards when data.instruction_writer says so)."""
+    return World(cfg.seed, stream, split=split, image_size=cfg.image_size, writer=get_writer("template"))

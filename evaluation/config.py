@@ -6,6 +6,8 @@ from typing import Literal
 from pydantic import Field
 
 from data.config import Strict
+from data.openai_client import EndpointConfig
+from evaluation.detect import PRESENCE_FRACTION
 
 
 class SamplingConfig(Strict):
@@ -18,22 +20,20 @@ class SamplingConfig(Strict):
         "formed it on). Off, as the released Scone inference runs; the mask is a training device (Stage II step 1)")
 
 
-class OpenAIJudgeConfig(Strict):
-    """The `openai` judge (evaluation.judges.openai); the API key comes from OPENAI_API_KEY."""
+class OpenAIJudgeConfig(EndpointConfig):
+    """The `openai` judge (evaluation.judges.openai) on the one client (data.openai_client); the API key comes from
+    OPENAI_API_KEY. Also the endpoint of the SRUM reward judge (`srum.judge: openai`)."""
 
-    model: str = "gpt-4.1"
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint; OPENAI_BASE_URL overrides when null")
-    concurrency: int = Field(16, ge=1, description="requests in flight at once")
-    max_retries: int = Field(5, ge=0, description="retries of a request (429, 5xx, timeout, malformed answer) before failing")
-    timeout_s: float = Field(60.0, gt=0)
-    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry, jittered; Retry-After wins when longer")
-    backoff_max_s: float = Field(30.0, ge=0, description="cap of the exponential retry delay")
-    temperature: float | None = Field(None, ge=0, le=2, description="null: the endpoint's default (repeated scorings sample the judge)")
-    image_size: int = Field(256, ge=0, description="side the images are sent at (nearest-neighbour upscaling of the tiny renders); 0: as they are")
-    cache: bool = Field(True, description="answers are cached on disk under cache_dir")
+    protocol: Literal["released", "strict"] = Field(
+        "released", description="released: SconeEval's judge protocol as its released scoring runs it (one user "
+        "message, the instruction alone names the targets, JPEG, inputs capped at 1024x1024 pixels, the output at its "
+        "own size), comparable with the published leaderboard; strict: ours, which also shows the judge the ground-"
+        "truth target and distractor subjects (docs/judges.md)")
+    image_size: int = Field(256, ge=0, description="strict protocol and SRUM rewards: side the images are sent at "
+                            "(nearest-neighbour upscaling of the tiny renders); 0: as they are")
     cache_dir: str = "artifacts/cache/judge"
-    price_per_1k_input: float = 0.002
-    price_per_1k_output: float = 0.008
+    price_per_1k_input: float = Field(0.002, ge=0)
+    price_per_1k_output: float = Field(0.008, ge=0)
 
 
 class OracleConfig(Strict):
@@ -41,7 +41,8 @@ class OracleConfig(Strict):
 
     full_dist: float = Field(30.0, gt=0, description="RGB distance within which a pixel fully belongs to a palette colour")
     zero_dist: float = Field(80.0, gt=0, description="RGB distance beyond which it does not belong at all")
-    presence_fraction: float = Field(0.3, gt=0, le=1, description="a blob counts as a subject at this share of its expected area")
+    presence_fraction: float = Field(PRESENCE_FRACTION, gt=0, le=1, description="a blob counts as a subject at this "
+                                     "share of its expected area (default: evaluation.detect.PRESENCE_FRACTION)")
     position_iou_full: float = Field(0.8, gt=0, le=1, description="bbox IoU that earns full position credit in PF")
 
 

@@ -20,23 +20,35 @@ Each detection carries its colour, bbox (x0, y0, x1, y1; x1/y1 exclusive, as dat
 area (pixels), soft area (membership sum: partial credit for washed-out blobs), mask, mean RGB and
 the share of texture-mark pixels. Thresholds are deliberately generous: the judge grades how close a
 blob comes to the ground truth; detection only has to find it.
+
+Matching, shared by every reader of generated images that knows the ground truth (the oracle judge and
+SRUM's oracle reward in evaluation.judges, T2I accuracy in evaluation.t2i): `ground_truth_blobs` (the blobs of
+the rendered target, each with its placement), `variant_blob` (one placement re-rendered with another
+category or texture: what the wrong shape or texture would look like) and `match_one_to_one`. The thresholds
+they all read are named here once: `PRESENCE_FRACTION` (a blob stands for a subject when it covers this share
+of the subject's expected area) and the silhouette ramp `SHAPE_IOU_FULL` / `SHAPE_IOU_ZERO`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from data.render import palette as render_palette
-from data.scene import COLOURS
+from data.render import render_array
+from data.scene import COLOURS, Placement, Scene
 
 FULL_DIST = 30.0
 ZERO_DIST = 80.0
 DENSITY = 0.4
 MIN_AREA_32 = 6
+PRESENCE_FRACTION = 0.3  # a blob stands for a subject at this share of its expected (ground-truth) area
+SHAPE_IOU_FULL = 0.95  # silhouette agreement (aligned_mask_iou) that earns full shape credit ...
+SHAPE_IOU_ZERO = 0.45  # ... and the one that earns none (a circle in a square's box reaches ~0.8)
+TEXTURE_DIFF_ZERO = 0.3  # texture_similarity falls to 0 at this mark-share + row-structure difference
 
 
 @dataclass(frozen=True)
@@ -184,6 +196,8 @@ def detect(
 
     connected=False gives one detection per colour (all its components of at least `min_area` pixels
     together): the view of a subject split in two by an occluder in a ground-truth render."""
+    from scipy import ndimage  # here, not at the top: evaluation.config reads this module's thresholds cheaply
+
     arr = to_array(image)
     h, w = arr.shape[:2]
     min_area = min_area_for(h, w) if min_area is None else min_area
@@ -251,8 +265,59 @@ def texture_similarity(a: Detection, b: Detection) -> float:
     pa = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, max(len(a.row_profile), 2)), _pad(a.row_profile))
     pb = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, max(len(b.row_profile), 2)), _pad(b.row_profile))
     diff = abs(a.mark_fraction - b.mark_fraction) + abs(pa.std() - pb.std())
-    return float(np.clip(1.0 - diff / 0.3, 0.0, 1.0))
+    return float(np.clip(1.0 - diff / TEXTURE_DIFF_ZERO, 0.0, 1.0))
 
 
 def _pad(p: np.ndarray) -> np.ndarray:
     return np.repeat(p, 2) if len(p) == 1 else p
+
+
+# ---------------------------------------------------------------- matching against the ground truth
+
+
+@lru_cache(maxsize=1024)
+def ground_truth_blobs(scene_json: str) -> tuple[tuple[Detection, int], ...]:
+    """Blobs of the rendered scene, largest first, each with the index of the placement of its colour it
+    overlaps most (what the ground truth shows of every subject)."""
+    from data.render import subject_mask
+
+    scene = Scene.from_json(scene_json)
+    masks = [subject_mask(scene, i) for i in range(len(scene.placements))]
+    out = []
+    for d in detect(render_array(scene)):
+        overlap = [(m & d.mask).sum() if scene.placements[i].subject.colour == d.colour else -1
+                   for i, m in enumerate(masks)]
+        out.append((d, int(np.argmax(overlap))))
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def variant_blob(scene_json: str, index: int, category: str, texture: str) -> Detection | None:
+    """Placement `index` rendered alone with another category / texture, same box and colour: the blob a
+    wrong shape or texture would make."""
+    scene = Scene.from_json(scene_json)
+    p = scene.placements[index]
+    alone = Scene(scene.background, (Placement(replace(p.subject, category=category, texture=texture), p.bbox),),
+                  scene.size)
+    blobs = detect(render_array(alone), colours=[p.subject.colour], connected=False)
+    return blobs[0] if blobs else None
+
+
+def match_one_to_one(gt: Sequence[Detection], found: Sequence[Detection],
+                     min_fraction: float = PRESENCE_FRACTION) -> dict[int, int]:
+    """found index -> gt index, one-to-one within each colour: best bbox IoU first, then the larger blob, then
+    the earlier found blob; a blob smaller than `min_fraction` of the ground-truth area matches nothing."""
+    pairs = sorted(
+        ((bbox_iou(g.bbox, f.bbox), f.area, -fi, gi)
+         for fi, f in enumerate(found) for gi, g in enumerate(gt) if g.colour == f.colour),
+        reverse=True,
+    )
+    out: dict[int, int] = {}
+    used: set[int] = set()
+    for _, area, neg_fi, gi in pairs:
+        fi = -neg_fi
+        if fi in out or gi in used or area < min_fraction * gt[gi].area:
+            continue
+        out[fi] = gi
+        used.add(gi)
+    return out

@@ -34,6 +34,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from data.formats.jsonl import read_jsonl
+from evaluation.paper_results import MICO_TABLE2
 
 # (lower edge, score), checked top-down: a similarity scores the first band whose edge it reaches.
 IDENTITY_BANDS: tuple[tuple[float, float], ...] = ((0.45, 1.0), (0.30, 0.7), (0.15, 0.5), (0.05, 0.2))
@@ -48,16 +49,8 @@ _CATEGORY_SPELLINGS = {
 }
 FIGURES = ("score", "W", "SC", "PQ", "ref_viescore")
 
-# MICo-150K Table 2, the "base" checkpoints and the closed-source systems: Overall, Object, Person, HOI, De&Re.
-PAPER_TABLE2: dict[str, tuple[float, ...]] = {
-    "BLIP3-o": (2.2, 3.2, 2.1, 2.1, 1.2),
-    "DiMOO": (4.3, 3.8, 1.3, 6.5, 1.8),
-    "BAGEL": (19.3, 24.4, 22.4, 12.9, 34.2),
-    "Qwen-Image": (24.9, 39.4, 17.8, 20.0, 27.1),
-    "OmniGen2": (31.4, 44.2, 22.0, 27.4, 36.4),
-    "GPT-4o": (47.1, 48.5, 36.2, 47.6, 50.3),
-    "Nano-Banana": (47.8, 48.0, 41.8, 49.6, 49.4),
-}
+# MICo-150K Table 2, the "base" checkpoints and the closed-source systems (evaluation.paper_results).
+PAPER_TABLE2 = MICO_TABLE2
 
 
 def _check_0_10(name: str, v: float) -> float:
@@ -219,3 +212,42 @@ def format_mico_table(summary_or_rows, context: bool = False) -> str:
         vals = [s["overall"]["score"]] + [s["per_category"].get(c, {}).get("score") for c in CATEGORIES]
         lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in vals) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- results layout
+
+RESULTS_FILE = "scores.jsonl"
+JUDGED_FIELDS = ("sources", "PF", "SR", "naturalness", "artifacts")
+
+
+def write_results(out_dir: str | Path, rows: Iterable[Mapping]) -> Path:
+    """`<out_dir>/scores.jsonl`: one judged case per line (category, sources, PF, SR, naturalness, artifacts, the
+    figures of score_row and whatever else the caller keeps: key, output image path, reasons)."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS_FILE
+    path.write_text("".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def read_results(results_dir: str | Path) -> list[dict]:
+    """The judged cases of a MICo-Bench results folder: its scores.jsonl, else every *.jsonl below it (a tree made
+    by another tool, e.g. one file per task group)."""
+    root = Path(results_dir)
+    files = [root / RESULTS_FILE] if (root / RESULTS_FILE).is_file() else sorted(root.rglob("*.jsonl"))
+    if not root.is_dir() or not files:
+        raise FileNotFoundError(
+            f"{root}: no MICo-Bench results (scores.jsonl, or *.jsonl files with one judged case per line: "
+            "category, sources, PF, SR, naturalness, artifacts); run the evaluation first or check the folder")
+    return [row for f in files for row in read_jsonl(f)]
+
+
+def aggregate_mico(results_dir: str | Path) -> dict:
+    """Per task group and overall Weighted-Ref-VIEScore of a results folder; cases that carry the judge's answers
+    are scored from them again (so a tree's stored figures never disagree with this metric)."""
+    rows = [score_row(r) if all(k in r for k in JUDGED_FIELDS) else r for r in read_results(results_dir)]
+    summary = summarize(rows)
+    summary["model"] = Path(results_dir).name
+    return summary

@@ -13,7 +13,7 @@ category figures (Scone Table 2: e.g. Scone's eight categories average to the pu
 the per-case geometric means, not taking the geometric mean of averaged PF and SC, is what makes Table 4's
 overall lower than sqrt(PF * SC) of its own columns (BAGEL: PF 6.74, SC 5.73, overall 6.03 < 6.21).
 
-Results layout: that of evaluation.sconeeval, `<results_dir>/<model>/score_try{k}/<task_type>/score.jsonl`
+Results layout: that of evaluation.results (SconeEval's), `<results_dir>/<model>/score_try{k}/<task_type>/score.jsonl`
 with PF_score and SC_score per line. Folder names are those of the released evaluation script
 (`single_character`, `multi_character_object`, `scene_object`, ...); case and the spellings
 `multiple` / `char_obj` / `object_character` / `character+object` are accepted. Every score_try folder is
@@ -29,7 +29,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from evaluation.sconeeval import ResultsLayoutError, com_score, read_groups
+from evaluation.paper_results import SCONE_TABLE2
+from evaluation.results import ResultsLayoutError, com_score, read_groups
 
 SETTINGS = ("single", "multi", "scene")
 CATEGORIES = (
@@ -45,21 +46,6 @@ CATEGORIES = (
 SETTING_TITLES = {"single": "SINGLE", "multi": "MULTIPLE", "scene": "SCENE"}
 KIND_TITLES = {"character": "Character", "object": "Object", "character_object": "Char. + Obj."}
 FIGURES = ("PF", "SC", "overall")
-
-# Scone paper Table 2 (GPT-4.1 judge): overall per category in CATEGORIES order, then the Average.
-PAPER_TABLE2: dict[str, tuple[float | None, ...]] = {
-    "Gemini-2.5-Flash-Image": (8.79, 9.12, 8.27, 8.60, 7.71, 7.63, 7.65, 6.81, 8.07),
-    "GPT-4o": (8.96, 8.91, 8.90, 8.95, 8.81, 8.92, 8.40, 8.44, 8.78),
-    "FLUX.1 Kontext [dev]": (8.07, 7.97, None, None, None, None, None, None, None),
-    "UNO": (7.15, 6.72, 3.56, 6.46, 4.90, 2.72, 4.89, 4.76, 5.14),
-    "USO": (8.03, 7.55, 3.32, 6.10, 4.56, 2.77, 5.38, 5.09, 5.35),
-    "UniWorld-V2": (8.45, 8.44, 7.87, 8.22, 7.95, 5.36, 7.47, 6.98, 7.59),
-    "Qwen-Image-Edit-2509": (8.56, 8.41, 7.92, 8.37, 7.79, 5.23, 7.70, 6.86, 7.60),
-    "BAGEL": (7.00, 7.04, 5.32, 6.69, 6.74, 3.94, 5.77, 5.73, 6.03),
-    "OmniGen2": (8.17, 7.63, 7.26, 7.03, 7.56, 7.02, 6.90, 6.64, 7.28),
-    "Echo-4o": (8.34, 8.27, 8.13, 8.14, 8.11, 7.07, 7.73, 7.77, 7.95),
-    "Scone": (8.34, 8.52, 8.24, 8.14, 8.30, 7.06, 7.88, 7.63, 8.01),
-}
 
 _SETTING_SPELLINGS = {"single": "single", "multi": "multi", "multiple": "multi", "scene": "scene"}
 _KIND_SPELLINGS = {
@@ -161,15 +147,6 @@ def aggregate_omnicontext(results_dir: str | Path, model: str) -> dict:
     return summary
 
 
-def flat_metrics(summary: dict, prefix: str = "omnicontext/") -> dict[str, float]:
-    """Flat name -> value view for metric trackers (MLflow)."""
-    out = {f"{prefix}{k}": v for k, v in summary["average"].items()}
-    out.update({f"{prefix}{k}_std": v for k, v in summary["std"].items()})
-    for c, figs in summary["per_category"].items():
-        out.update({f"{prefix}{c}/{k}": v for k, v in figs.items() if k != "n_cases"})
-    return {k: float(v) for k, v in out.items() if not math.isnan(v)}
-
-
 # ---------------------------------------------------------------- Table 2
 
 
@@ -203,7 +180,7 @@ def format_omnicontext_table(
     """Markdown in the layout of Scone Table 2 (overall per category and Average), for one summary or
     [(name, summary), ...]; context=True prepends the paper's rows. details=True appends, per summary,
     PF / SC / overall by category (the Table 4 figures)."""
-    rows = [(f"{n} (paper)", [_fmt(v) for v in vals]) for n, vals in PAPER_TABLE2.items()] if context else []
+    rows = [(f"{n} (paper)", [_fmt(v) for v in vals]) for n, vals in SCONE_TABLE2.items()] if context else []
     named = _named(summary_or_rows)
     for name, s in named:
         vals = table2_row(s, figure)

@@ -25,7 +25,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from evaluation.config import EvalConfig, SamplingConfig
-from evaluation.sconeeval import aggregate, format_table3, is_distinction, score_line, summary_json, write_scores
+from evaluation.results import write_scores
+from evaluation.sconeeval import aggregate, format_table3, is_distinction, score_line, summary_json
 
 GenerateFn = Callable[[list, int], list[np.ndarray]]
 
@@ -103,6 +104,9 @@ def evaluate_checkpoint(
     rounds, scorings = eval_cfg.rounds, eval_cfg.scorings
     workers = max(1, int(getattr(judge, "concurrency", 1)))
     timings = {"generate_s": 0.0, "judge_s": 0.0}
+    # which judge, and for the openai judge which protocol (eval.openai.protocol), produced the scores
+    protocol = getattr(judge, "protocol", None)
+    tag = {"judge": judge.name, **({"judge_protocol": protocol} if protocol else {})}
     samples: list[str] = []
     for r in tqdm(range(rounds), desc=f"SconeEval {model_name}", unit="round"):
         seed = eval_cfg.seed + r
@@ -120,7 +124,7 @@ def evaluate_checkpoint(
         t0 = time.perf_counter()
         first: list[dict] | None = None
         for s in range(scorings):
-            extra = lambda i: {"round": r + 1, "scoring": s + 1, "seed": seed, "output_image_path": paths[i], "judge": judge.name}
+            extra = lambda i: {"round": r + 1, "scoring": s + 1, "seed": seed, "output_image_path": paths[i], **tag}
             if first is not None and judge.deterministic:
                 lines = [{**line, "scoring": s + 1} for line in first]
             else:
@@ -139,7 +143,7 @@ def evaluate_checkpoint(
         timings["judge_s"] += time.perf_counter() - t0
     summary = aggregate(out_dir, model_name)
     summary.update(
-        judge=judge.name,
+        **tag,
         rounds=rounds,
         scorings=scorings,
         seeds=[eval_cfg.seed + r for r in range(rounds)],

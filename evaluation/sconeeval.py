@@ -7,12 +7,13 @@ predictions are flattened and compared with `subject_label` into accuracy, preci
 (each x10, so they share COM's 0-10 scale); DIS = (accuracy + F1) / 2 per case.
 
 Per task type the case figures are averaged; the average COM runs over the six task types, the
-average DIS over the four distinction types, Overall = (COM + DIS) / 2.
+average DIS over the four distinction types, Overall = (COM + DIS) / 2. The average PF and SC (over the
+task types, as COM) stand beside them, as the reference aggregation prints them.
 
 The protocol repeats the whole thing over 3 sampling rounds x 3 scorings; the reported figure is the
 mean of the 9 group results and the spread their standard deviation (population std, ddof=0).
 
-Results layout (the Scone evaluation code's, extended so that all 9 groups fit in it):
+Results layout (evaluation.results; the Scone evaluation code's, extended so that all 9 groups fit in it):
 
     <results_dir>/<model>/score_try{g}/<task_type>/score.jsonl
 
@@ -27,46 +28,26 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from data.records import TASK_TYPES  # the six SconeEval sub-tasks, in Table 3 order
+# the results layout and the composition score, shared with evaluation.omnicontext
+from evaluation.paper_results import SCONE_TABLE3  # the paper's rows, shown as context
+from evaluation.results import ResultsLayoutError, com_score, read_groups
+
 DISTINCTION_TYPES = tuple(t for t in TASK_TYPES if "distinction" in t)
-# The released Scone evaluation script names the distinction folders differently.
-TASK_TYPE_ALIASES = {
-    "distinction_single_cross": "distinction_cross",
-    "distinction_single_intra": "distinction_intra",
-    "distinction_multi_cross": "distinction_composition_cross",
-    "distinction_multi_intra": "distinction_composition_intra",
-}
 DIS_FIELDS = ("DIS_acc", "DIS_prec", "DIS_recall", "DIS_f1")
-SCORE_FILE = "score.jsonl"
-
-
-class ResultsLayoutError(ValueError):
-    """A results tree that cannot be aggregated; the message names the path and the fix."""
+AVERAGE_FIGURES = ("COM", "DIS", "Overall", "PF", "SC")  # a summary's `average` (and `std`) keys
 
 
 def is_distinction(task_type: str) -> bool:
     return "distinction" in task_type
 
 
-def canonical_task_type(name: str) -> str:
-    return TASK_TYPE_ALIASES.get(name, name)
-
-
 # ---------------------------------------------------------------- per-case formulas
-
-
-def com_score(pf: float, sc: float) -> float:
-    """Composition score of one case: geometric mean of PF and SC (both 0-10)."""
-    if pf < 0 or sc < 0:
-        raise ValueError(f"PF and SC must be >= 0, got PF={pf}, SC={sc}")
-    return math.sqrt(pf * sc)
 
 
 def distinction_metrics(labels: Sequence[Sequence[int]], predictions: Sequence[Sequence[int]]) -> dict[str, float]:
@@ -143,68 +124,6 @@ def score_line(
 # ---------------------------------------------------------------- results layout
 
 
-def write_scores(results_dir: str | Path, model: str, group: int, lines: Iterable[dict]) -> list[Path]:
-    """Write one group's score lines to `<results_dir>/<model>/score_try{group}/<task_type>/score.jsonl`
-    (group is 1-based). Returns the files written."""
-    if group < 1:
-        raise ValueError(f"group numbers start at 1 (score_try1), got {group}")
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for line in lines:
-        by_task[line["task_type"]].append(line)
-    paths = []
-    for task_type, rows in by_task.items():
-        path = Path(results_dir) / model / f"score_try{group}" / task_type / SCORE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        paths.append(path)
-    return paths
-
-
-def _try_number(path: Path) -> int:
-    m = re.fullmatch(r"score_try(\d+)", path.name)
-    return int(m.group(1)) if m else -1
-
-
-def read_groups(results_dir: str | Path, model: str) -> list[dict[str, list[dict]]]:
-    """Every group of a results tree as {task_type: [score lines]}, in score_try order.
-
-    Lines with a `scorings` list expand their folder into one group per scoring (the entries'
-    fields override the line's)."""
-    root = Path(results_dir) / model
-    tries = sorted((p for p in root.glob("score_try*") if p.is_dir() and _try_number(p) >= 0), key=_try_number)
-    if not tries:
-        raise ResultsLayoutError(
-            f"{root}: no score_try*/<task_type>/score.jsonl folders; run the evaluation first "
-            f"(or check --results-dir and --model)"
-        )
-    groups: list[dict[str, list[dict]]] = []
-    for try_dir in tries:
-        lines_by_task: dict[str, list[dict]] = defaultdict(list)
-        for f in sorted(try_dir.glob(f"*/*.jsonl")):
-            task_type = canonical_task_type(f.parent.name)
-            for n, raw in enumerate(f.read_text().splitlines(), 1):
-                if not raw.strip():
-                    continue
-                try:
-                    lines_by_task[task_type].append(json.loads(raw))
-                except json.JSONDecodeError as e:
-                    raise ResultsLayoutError(f"{f}:{n}: not valid JSON ({e})") from None
-        if not lines_by_task:
-            raise ResultsLayoutError(f"{try_dir}: holds no <task_type>/score.jsonl file")
-        counts = {len(l["scorings"]) for rows in lines_by_task.values() for l in rows if "scorings" in l}
-        if len(counts) > 1:
-            raise ResultsLayoutError(f"{try_dir}: lines hold different numbers of scorings {sorted(counts)}")
-        n_scorings = counts.pop() if counts else 0
-        if not n_scorings:
-            groups.append(dict(lines_by_task))
-            continue
-        for s in range(n_scorings):
-            groups.append(
-                {t: [{**l, **l["scorings"][s]} if "scorings" in l else l for l in rows] for t, rows in lines_by_task.items()}
-            )
-    return groups
-
-
 # ---------------------------------------------------------------- aggregation
 
 
@@ -237,7 +156,10 @@ def group_summary(lines_by_task: Mapping[str, Sequence[dict]]) -> dict:
     diss = [v["DIS"] for t, v in per_task.items() if is_distinction(t)]
     com = float(np.mean(coms)) if coms else float("nan")
     dis = float(np.mean(diss)) if diss else float("nan")
-    return {"per_task": per_task, "average": {"COM": com, "DIS": dis, "Overall": (com + dis) / 2}}
+    # overall PF and SC means over the task types, as the reference aggregation prints them beside COM and DIS
+    pf = float(np.mean([v["PF"] for v in per_task.values()])) if per_task else float("nan")
+    sc = float(np.mean([v["SC"] for v in per_task.values()])) if per_task else float("nan")
+    return {"per_task": per_task, "average": {"COM": com, "DIS": dis, "Overall": (com + dis) / 2, "PF": pf, "SC": sc}}
 
 
 def summarize_groups(groups: Sequence[Mapping[str, Sequence[dict]]]) -> dict:
@@ -253,8 +175,8 @@ def summarize_groups(groups: Sequence[Mapping[str, Sequence[dict]]]) -> dict:
         per_task[t] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
         per_task[t]["n_cases"] = rows[0]["n_cases"]
         per_task_std[t] = {k: float(np.std([r[k] for r in rows])) for k in keys}
-    avg = {k: float(np.mean([s["average"][k] for s in summaries])) for k in ("COM", "DIS", "Overall")}
-    std = {k: float(np.std([s["average"][k] for s in summaries])) for k in ("COM", "DIS", "Overall")}
+    avg = {k: float(np.mean([s["average"][k] for s in summaries])) for k in AVERAGE_FIGURES}
+    std = {k: float(np.std([s["average"][k] for s in summaries])) for k in AVERAGE_FIGURES}
     return {
         "groups": len(summaries),
         "per_task": per_task,
@@ -278,19 +200,6 @@ def aggregate(results_dir: str | Path, model: str) -> dict:
     return summary
 
 
-def flat_metrics(summary: dict, prefix: str = "sconeeval/") -> dict[str, float]:
-    """Flat name -> value view of a summary for metric trackers (MLflow)."""
-    out = {}
-    for k, v in summary["average"].items():
-        out[f"{prefix}{k}"] = v
-        out[f"{prefix}{k}_std"] = summary["std"][k]
-    for t, figs in summary["per_task"].items():
-        for k, v in figs.items():
-            if k != "n_cases":
-                out[f"{prefix}{t}/{k}"] = v
-    return {k: float(v) for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
-
-
 # ---------------------------------------------------------------- Table 3
 
 TABLE3_COLUMNS = (
@@ -310,17 +219,6 @@ TABLE3_COLUMNS = (
 )
 _GROUP_HEADERS = (("Composition", 2), ("Distinction", 4), ("Distinction & Composition", 4), ("Average", 3))
 _SUB_HEADERS = ("Single", "Multi", "Cross", "", "Intra", "", "Cross", "", "Intra", "", "", "", "")
-
-# Scone paper, Table 3 (GPT-4.1 judge, 1024px): context rows for leaderboards, in TABLE3_COLUMNS order.
-PAPER_TABLE3: dict[str, tuple[float | None, ...]] = {
-    "GPT-4o": (8.92, 8.51, 9.18, 8.55, 9.45, 9.01, 8.83, 8.49, 8.99, 9.56, 8.98, 8.90, 8.94),
-    "Gemini-2.5-Flash-Image": (8.87, 7.94, 9.12, 9.15, 9.00, 8.50, 8.27, 8.87, 8.17, 8.85, 8.56, 8.84, 8.70),
-    "Qwen-Image-Edit-2509": (8.54, 6.85, 8.85, 8.57, 7.32, 6.86, 7.53, 8.13, 7.49, 7.02, 7.76, 7.65, 7.70),
-    "BAGEL": (7.14, 5.55, 7.49, 7.95, 6.93, 6.21, 6.44, 7.38, 6.87, 7.27, 6.74, 7.20, 6.97),
-    "OmniGen2": (8.00, 6.59, 8.31, 8.99, 6.99, 6.80, 7.28, 8.30, 7.14, 7.13, 7.39, 7.81, 7.60),
-    "Echo-4o": (8.58, 7.73, 8.36, 8.33, 7.74, 7.18, 7.87, 8.72, 8.01, 8.33, 8.05, 8.14, 8.09),
-    "Scone": (8.52, 7.40, 8.98, 9.73, 7.97, 7.74, 8.20, 9.25, 8.21, 8.44, 8.21, 8.79, 8.50),
-}
 
 
 def table3_row(summary: dict) -> tuple[float | None, ...]:
@@ -346,7 +244,7 @@ def _rows(summary_or_rows, with_std: bool, context: bool) -> list[tuple[str, lis
         summary_or_rows = [(summary_or_rows.get("model", "model"), summary_or_rows)]
     rows = []
     if context:
-        rows += [(f"{name} (paper)", [_fmt(v) for v in vals]) for name, vals in PAPER_TABLE3.items()]
+        rows += [(f"{name} (paper)", [_fmt(v) for v in vals]) for name, vals in SCONE_TABLE3.items()]
     for name, s in summary_or_rows:
         vals = table3_row(s)
         stds: list[float | None] = [None] * len(vals)
@@ -439,43 +337,6 @@ def _rich_text(rows) -> str:
         table.add_row(name, *vals)
     console.print(table)
     return console.export_text()
-
-
-# ---------------------------------------------------------------- CLI-facing
-
-
-def format_task_table(summary: dict) -> str:
-    """Per-task PF / SC / COM (and DIS where present) as markdown: for layouts other than SconeEval's
-    six task types (OmniContext-style trees)."""
-    lines = ["| Task | PF | SC | COM | DIS |", "|---|---:|---:|---:|---:|"]
-    for t, f in summary["per_task"].items():
-        lines.append(f"| {t} | {f['PF']:.2f} | {f['SC']:.2f} | {f['COM']:.2f} | {_fmt(f.get('DIS'))} |")
-    avg = summary["average"]
-    lines.append(f"| Average | | | {_fmt(avg['COM'])} | {_fmt(None if math.isnan(avg['DIS']) else avg['DIS'])} |")
-    return "\n".join(lines)
-
-
-def aggregate_command(results_dir: str | Path, model: str, benchmark: str = "sconeeval", out: str | Path | None = None) -> str:
-    """`scone eval aggregate`: aggregate a results tree, write the summary JSON to `out` (a file path)
-    and return the table (Table 3 layout for SconeEval, per-task otherwise) as markdown."""
-    if benchmark not in ("sconeeval", "omnicontext"):
-        raise ValueError(f"unknown benchmark {benchmark!r}: use sconeeval or omnicontext")
-    if benchmark == "sconeeval":
-        summary = aggregate(results_dir, model)
-        table = format_table3(summary, style="markdown", with_std=True)
-        if summary["missing_task_types"]:
-            table += f"\n\n(missing task types: {', '.join(summary['missing_task_types'])}; averages over those present)"
-    else:
-        from evaluation.omnicontext import aggregate_omnicontext, format_omnicontext_table
-
-        summary = aggregate_omnicontext(results_dir, model)
-        table = format_omnicontext_table(summary, with_std=True)
-    summary["benchmark"] = benchmark
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(summary_json(summary))
-    return table
 
 
 def summary_json(summary: dict) -> str:

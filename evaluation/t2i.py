@@ -4,7 +4,7 @@ Each prompt row carries its exact target scene, so the oracle can check every at
 names. Ground-truth instances are the colour blobs of the rendered target (evaluation.detect, the
 same detector that reads the generated image). A ground-truth instance is *found* when a generated
 blob of its colour (matched one-to-one, best bbox overlap first, then the largest) covers at least
-30% of its area. On a found instance:
+PRESENCE_FRACTION (30%, evaluation.detect) of its area. On a found instance:
 
 - shape_ok: the generated blob's silhouette is at least as close to the true category's silhouette as
   to every other category's (each rendered in the same box, colour and texture), and close enough
@@ -20,7 +20,7 @@ Per-image score in [0, 1] by category (the fraction of checks that pass):
 - texture:     found and texture_ok.
 - spatial:     for each pair of instances whose centres differ by more than 2 px in the ground truth, the
                generated centres are ordered the same way along the pair's main axis (both found).
-- numeracy:    per colour, the number of generated blobs of at least 30% of the colour's median
+- numeracy:    per colour, the number of generated blobs of at least PRESENCE_FRACTION of the colour's median
                instance area equals the ground-truth count.
 - non-spatial: found, shape_ok and texture_ok (full attribute binding; the pairing words of these
                prompts set no layout, so none is checked).
@@ -32,19 +32,27 @@ Prompt rows are those of data.formats.srum_prompts (read_prompts): {key, categor
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from data.render import render_array
-from data.scene import CHARACTER_CATEGORIES, OBJECT_CATEGORIES, TEXTURES, Placement, Scene
-from evaluation.detect import Detection, aligned_mask_iou, bbox_iou, by_colour, detect, resize_to, texture_similarity, to_array
+from data.scene import CHARACTER_CATEGORIES, OBJECT_CATEGORIES, TEXTURES, Scene
+from evaluation.detect import (
+    PRESENCE_FRACTION,
+    Detection,
+    aligned_mask_iou,
+    bbox_iou,
+    by_colour,
+    detect,
+    ground_truth_blobs,
+    resize_to,
+    texture_similarity,
+    to_array,
+    variant_blob,
+)
 
 CATEGORIES = ("colour", "shape", "texture", "spatial", "numeracy", "non-spatial", "complex")
 ALL_CATEGORIES = OBJECT_CATEGORIES + CHARACTER_CATEGORIES
-PRESENCE_FRACTION = 0.3
 SPATIAL_MIN_PX = 2.0
 _ALIASES = {"color": "colour", "nonspatial": "non-spatial", "non_spatial": "non-spatial", "non spatial": "non-spatial"}
 
@@ -75,34 +83,12 @@ def _field(row, name: str):
     return row[name] if isinstance(row, dict) else getattr(row, name)
 
 
-@lru_cache(maxsize=4096)
-def _variant_blob(scene_json: str, index: int, category: str, texture: str) -> Detection | None:
-    """Blob of placement `index` re-rendered alone with another category / texture, same box and colour."""
-    scene = Scene.from_json(scene_json)
-    p = scene.placements[index]
-    alone = Scene(scene.background, (Placement(replace(p.subject, category=category, texture=texture), p.bbox),), scene.size)
-    blobs = detect(render_array(alone), colours=[p.subject.colour], connected=False)
-    return blobs[0] if blobs else None
-
-
 def _shape_similarity(a: Detection, b: Detection) -> float:
     """Aligned silhouette IoU times the agreement of the bbox sides: a person's body-coloured part is a
     rectangle that, stretched onto a square's box, would match it perfectly; its proportions do not."""
     (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.bbox, b.bbox
     wa, ha, wb, hb = ax1 - ax0, ay1 - ay0, bx1 - bx0, by1 - by0
     return aligned_mask_iou(a, b) * min(wa, wb) / max(wa, wb) * min(ha, hb) / max(ha, hb)
-
-
-def _instances(target: Scene) -> list[tuple[Detection, int]]:
-    """Ground-truth blobs of the rendered target, each with the placement it belongs to."""
-    from data.render import subject_mask
-
-    out = []
-    masks = [subject_mask(target, i) for i in range(len(target.placements))]
-    for d in detect(render_array(target)):
-        overlap = [(m & d.mask).sum() if target.placements[i].subject.colour == d.colour else -1 for i, m in enumerate(masks)]
-        out.append((d, int(np.argmax(overlap))))
-    return out
 
 
 def _match(gt: list[tuple[Detection, int]], gen: dict[str, list[Detection]]) -> dict[int, Detection]:
@@ -130,7 +116,7 @@ def score_image(target: Scene, image, category: str) -> dict:
     """Score of one generated image for a prompt of `category`, with every check behind it."""
     category = canonical_category(category)
     arr = resize_to(to_array(image), target.size)
-    gt = _instances(target)
+    gt = list(ground_truth_blobs(target.to_json()))
     gen = by_colour(detect(arr))
     matched = _match(gt, gen)
     scene_json = target.to_json()
@@ -142,11 +128,11 @@ def score_image(target: Scene, image, category: str) -> dict:
         c = {"subject": subject.name, "found": d is not None, "shape_ok": False, "texture_ok": False}
         if d is not None:
             shape_sim = {
-                cat: _shape_similarity(d, v) if (v := _variant_blob(scene_json, i, cat, subject.texture)) else 0.0
+                cat: _shape_similarity(d, v) if (v := variant_blob(scene_json, i, cat, subject.texture)) else 0.0
                 for cat in ALL_CATEGORIES
             }
             tex_sim = {
-                tex: texture_similarity(d, v) if (v := _variant_blob(scene_json, i, subject.category, tex)) else 0.0
+                tex: texture_similarity(d, v) if (v := variant_blob(scene_json, i, subject.category, tex)) else 0.0
                 for tex in TEXTURES
             }
             c["shape_ok"] = shape_sim[subject.category] >= max(shape_sim.values()) and shape_sim[subject.category] >= 0.5

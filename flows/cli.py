@@ -11,14 +11,15 @@ import sys
 from pathlib import Path
 
 
-# `scone bench NAME` -> module whose `run(params, out: Path) -> dict` measures and writes the JSON.
+# `scone bench NAME` -> module whose `run(params, out: Path) -> dict` measures and writes the JSON. The benchmarks
+# package sits above the library (it imports tasks/); named here, imported only when its command runs.
 BENCHMARKS = {
-    "data-build": "data.bench",
-    "judge": "evaluation.bench_judge",
-    "sampling": "evaluation.bench_sampling",
-    "train-throughput": "model.bench_throughput",
-    "ablation-stage2": "evaluation.ablation_stage2",
-    "srum-ablation": "evaluation.ablation_srum",
+    "data-build": "benchmarks.data_build",
+    "judge": "benchmarks.judge",
+    "sampling": "benchmarks.sampling",
+    "train-throughput": "benchmarks.train_throughput",
+    "ablation-stage2": "benchmarks.ablation_stage2",
+    "srum-ablation": "benchmarks.srum_ablation",
 }
 
 
@@ -63,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("checkpoint", help="generate + judge + score one checkpoint on the held-out benchmark")
     _common(p)
     p.add_argument("name", help="checkpoint name (a stage or srum_roundK)")
-    p = ev.add_parser("aggregate", help="aggregate a Scone results tree (ours or another tool's)")
-    p.add_argument("--results-dir", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--benchmark", choices=["sconeeval", "omnicontext"], default="sconeeval")
-    p.add_argument("--out", required=True)
+    p = ev.add_parser("aggregate", help="aggregate a results tree (ours or another tool's): SconeEval / OmniContext "
+                      "(--results-dir D --model M: D/M/score_try*/), MICo-Bench / MIGE-Bench (one folder: DIR)")
+    p.add_argument("dir", nargs="?", default=None, help="mico / mige: the model's results folder (scores.jsonl)")
+    p.add_argument("--results-dir", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--benchmark", choices=["sconeeval", "omnicontext", "mico", "mige"], default="sconeeval")
+    p.add_argument("--out", default=None, help="write the summary JSON here")
 
     srum = sub.add_parser("srum", help="SRUM self-reward rounds")
     _common(srum)
@@ -164,9 +167,17 @@ def _dispatch(args) -> int:
 
         return inspect_preset(args.preset, args.gpus)
     if cmd == "eval" and args.action == "aggregate":
-        from evaluation.sconeeval import aggregate_command
+        from evaluation.aggregate import aggregate_command
 
-        print(aggregate_command(Path(args.results_dir), args.model, args.benchmark, Path(args.out)))
+        if (args.dir is None) == (args.results_dir is None):
+            print("error: give the results folder as DIR or as --results-dir (with --model)", file=sys.stderr)
+            return 2
+        try:
+            print(aggregate_command(Path(args.dir or args.results_dir), args.model, args.benchmark,
+                                    Path(args.out) if args.out else None))
+        except (ValueError, FileNotFoundError) as e:  # the message names the folder and the fix
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if cmd == "srum" and args.action == "reward-map":
         import numpy as np

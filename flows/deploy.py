@@ -24,14 +24,6 @@ def deployment_specs(path: str = "prefect.yaml") -> list[dict]:
     return deployments
 
 
-def nightly_schedule(path: str = "prefect.yaml") -> str:
-    """The cron of the `nightly` deployment, so `scone serve` and `prefect deploy` share one schedule."""
-    for dep in deployment_specs(path):
-        if dep["name"] == "nightly":
-            return dep["schedules"][0]["cron"]
-    raise KeyError(f"{path}: no deployment named 'nightly'")
-
-
 def _flow(entrypoint: str):
     path, _, name = entrypoint.partition(":")
     return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)

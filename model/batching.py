@@ -1,8 +1,10 @@
 """From Scone-S2I rows to examples, and images between uint8 arrays and the model's [-1, 1] tensors.
 
 An `Example` is what every consumer hands the model: decoded references, the instruction, and for training the
-target (the row's last image) and at most one question-answer pair about it. Batching them into the packed
-sequence is the model family's (model.bagel.family.collate).
+target (the row's last image) and at most one question-answer pair about it. An understanding row (task type
+"understanding", data.understanding) is an understanding-only example instead: its image as `target`, every
+question-answer pair about it, and no generation sample. Batching them into the packed sequence is the model
+family's (model.bagel.family.collate).
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.instructions import IMAGE_PLACEHOLDER
+from data.records import UNDERSTANDING_TASK_TYPES
+
 
 @dataclass
 class Example:
@@ -23,6 +28,21 @@ class Example:
     instruction: str
     target: np.ndarray | None = None
     qa: list[tuple[str, str]] = field(default_factory=list)
+    understanding_only: bool = False  # an understanding row: questions about `target`, nothing to generate
+
+
+def instruction_pieces(instruction: str, n_images: int, what: str) -> list[str]:
+    """The text of `instruction` around its `<imagehere>` placeholders (MIGE's multimodal instructions: the k-th
+    placeholder stands for the k-th input image), each piece stripped: n_images + 1 pieces. An instruction without
+    placeholders is one piece (the references then come before it, model.bagel.context). Any other count of
+    placeholders than n_images is a ValueError naming `what` (the row or case)."""
+    n = instruction.count(IMAGE_PLACEHOLDER)
+    if n == 0:
+        return [instruction]
+    if n != n_images:
+        raise ValueError(f"{what}: its instruction has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} input "
+                         f"image(s); each placeholder stands for one input image, in order: {instruction!r}")
+    return [piece.strip() for piece in instruction.split(IMAGE_PLACEHOLDER)]
 
 
 def decode_image(data: bytes | dict) -> np.ndarray:
@@ -48,10 +68,12 @@ def _qa_pairs(raw) -> list[tuple[str, str]]:
 
 
 def examples_from_rows(rows: Iterable[dict], *, rng: np.random.Generator | None = None) -> list[Example]:
-    """Rows with `image` (encoded images, the last one is the target), `instruction` and optional `qa`.
+    """Rows with `image` (encoded images, the last one is the target), `instruction` and optional `qa` and
+    `task_type`.
 
     One question per example: drawn with `rng` when given, else a fixed pick derived from the instruction text
-    (deterministic, yet different questions for different rows)."""
+    (deterministic, yet different questions for different rows). An understanding row keeps all its questions and
+    becomes an understanding-only example of its one image."""
     examples = []
     for i, row in enumerate(rows):
         images = row.get("image")
@@ -59,9 +81,17 @@ def examples_from_rows(rows: Iterable[dict], *, rng: np.random.Generator | None 
             raise ValueError(f"row {i} has no images; the `image` column needs references and a target (last)")
         decoded = [decode_image(b) for b in images]
         pairs = _qa_pairs(row.get("qa"))
+        if row.get("task_type") in UNDERSTANDING_TASK_TYPES:
+            if len(decoded) != 1 or not pairs:
+                raise ValueError(f"row {row.get('key', i)}: an understanding row needs one image and questions, got "
+                                 f"{len(decoded)} images and {len(pairs)} questions")
+            examples.append(Example(refs=[], instruction=row["instruction"], target=decoded[0], qa=pairs,
+                                    understanding_only=True))
+            continue
         if pairs:
             pick = int(rng.integers(len(pairs))) if rng is not None else zlib.crc32(row["instruction"].encode()) % len(pairs)
             pairs = [pairs[pick]]
+        instruction_pieces(row["instruction"], len(decoded) - 1, f"row {row.get('key', i)}")  # placeholders vs inputs
         examples.append(Example(refs=decoded[:-1], instruction=row["instruction"], target=decoded[-1], qa=pairs))
     return examples
 

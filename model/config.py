@@ -108,17 +108,43 @@ class StageConfig(Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     train_understanding: bool = True
     train_generation: bool = True
+    train_vit: bool = Field(
+        False, description="also train the ViT encoder (frozen otherwise, as in Scone's stages); the understanding "
+        "pretraining stage trains it, since the tiny release's ViT is fresh")
     bridge: bool = False
     bridge_straight_through: bool = Field(
         False, description="with bridge: the generation loss trains the semantic mask through a soft surrogate "
         "(straight-through; forward = Eq. 4). Bridge formation (stage2_step1) needs it at small scale"
     )
     und_loss_weight: float = Field(0.1, ge=0)
+    mixture: dict[str, float] | None = Field(
+        None, description="share of the stage's samples per named dataset (0 < share <= 1); the datasets not named "
+        "share the rest in proportion to their rows (shares summing to 1 when every dataset is named). null: every "
+        "dataset in proportion to its rows. A dataset's rows repeat as often as its share asks (model.data_loader)")
 
     @model_validator(mode="after")
     def _straight_through_needs_bridge(self):
         if self.bridge_straight_through and not self.bridge:
             raise ValueError("bridge_straight_through: true needs bridge: true (there is no mask to train otherwise)")
+        return self
+
+    @model_validator(mode="after")
+    def _mixture_of_the_stage_datasets(self):
+        if not self.mixture:
+            return self
+        unknown = sorted(set(self.mixture) - set(self.datasets))
+        if unknown:
+            raise ValueError(f"mixture names {unknown}, which are not among the stage's datasets {self.datasets}")
+        bad = {k: v for k, v in self.mixture.items() if not 0 < v <= 1}
+        if bad:
+            raise ValueError(f"mixture shares must be in (0, 1], got {bad}")
+        total = sum(self.mixture.values())
+        if set(self.mixture) == set(self.datasets):
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"mixture names every dataset of the stage, so its shares must sum to 1, got {total:g}")
+        elif total >= 1.0:
+            raise ValueError(f"mixture shares sum to {total:g}, leaving nothing for the stage's other datasets "
+                             f"{sorted(set(self.datasets) - set(self.mixture))}")
         return self
 
 
@@ -153,6 +179,9 @@ class TrainConfig(Strict):
         4, ge=1, description="row groups whose rows are shuffled together in a lane's data order; also what one "
         "loader worker decodes at once (memory: about shuffle_window x (prefetch 2 + 1) row groups per worker)")
     stages: dict[str, StageConfig]
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="save the exponential moving average of the trained weights (model.ema) "
+        "instead of the last step's, as BAGEL releases ema.safetensors; null: the last step's weights")
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer (and trained ViT layer) in backward instead of keeping its "
         "activations: far less memory for about a third more compute, same losses and gradients")

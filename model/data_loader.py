@@ -36,6 +36,15 @@ serving a uniform permutation of every row needs random access to single rows, w
 a row group at a time (a whole row group read per sample) or by holding every row. Shuffling row groups, and rows
 within a window of row groups, reads each row group once per epoch.
 
+Mixture (train.stages.<stage>.mixture, model.config.StageConfig). Without one, the datasets' row groups are
+units of one stream, so each dataset comes in proportion to its rows. With one, each dataset gets its share of
+the samples: every lane reads each dataset as its own stream (the scheme above over that dataset's units only,
+seeded by the run's seed and the dataset's name, so a small dataset simply cycles through its epochs faster), and
+the lane's stream interleaves them slot by slot as its `MixSchedule` says (each chunk of 256 slots holds the
+shares to within one slot per dataset, in an order drawn from the seed and the lane). A position is still
+one number per lane: the slots before it say where each dataset's stream stands, so resuming, the rank's lanes
+and the DataLoader workers (one DataLoader per dataset stream) behave as without a mixture.
+
 Only clean rows are trained on: rows validation quarantined (validation/quarantine/<name>.parquet next to the
 data root) are skipped, and a row that fails to decode when it is reached is skipped too (recorded by
 `DecodeLedger`, written to the stage's quarantine folder) as long as, with the rows validation quarantined, no more
@@ -45,8 +54,10 @@ fraction after reading all of it.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +72,7 @@ from data.quarantine import fix_hint, row_key, row_problems, validation_quaranti
 
 # Scone-S2I-57K has image + instruction; our datasets add metadata (qa feeds the understanding loss).
 REQUIRED_COLUMNS = ("image", "instruction")
-OPTIONAL_COLUMNS = ("key", "qa")
+OPTIONAL_COLUMNS = ("key", "qa", "task_type")  # task_type: understanding rows are understanding-only examples
 
 _EXAMPLE_CACHE: dict[tuple, list] = {}
 log = logging.getLogger(__name__)
@@ -107,11 +118,6 @@ def _shard_rows(root: str | Path, name: str):
                 for row in pf.read_row_group(g, columns=cols, use_threads=False).to_pylist():
                     yield shard, index, row
                     index += 1
-
-
-def read_rows(root: str | Path, name: str) -> list[dict]:
-    """All rows of a dataset as dicts (image: list of encoded bytes, last = target; instruction; qa...)."""
-    return [row for _, _, row in _shard_rows(root, name)]
 
 
 def quarantined_rows(root: str | Path, name: str) -> set[tuple]:
@@ -300,17 +306,21 @@ class StageIndex:
     def total_rows(self) -> int:
         return sum(self.rows.values())
 
-    def units(self, lanes: int) -> list[Unit]:
-        """The row groups, each whole unless there are fewer of them than lanes: then each is cut into up to k
-        row slices, k the smallest that gives every lane a unit (two lanes then read the same row group)."""
+    def units(self, lanes: int, dataset: str | None = None) -> list[Unit]:
+        """The row groups (of `dataset` only, when given), each whole unless there are fewer of them than lanes:
+        then each is cut into up to k row slices, k the smallest that gives every lane a unit (two lanes then read
+        the same row group)."""
+        groups = [g for g in self.groups if dataset is None or g.dataset == dataset]
         for k in range(1, lanes + 1):
-            if sum(min(k, g.num_rows) for g in self.groups) >= lanes:
+            if sum(min(k, g.num_rows) for g in groups) >= lanes:
                 break
         else:
-            raise ValueError(f"datasets {self.names} have {self.total_rows} rows, fewer than the {lanes} lanes "
+            names = self.names if dataset is None else [dataset]
+            rows = self.total_rows if dataset is None else self.rows[dataset]
+            raise ValueError(f"datasets {names} have {rows} rows, fewer than the {lanes} lanes "
                              f"(num_ranks x grad_accum) that read them")
         out = []
-        for g in self.groups:
+        for g in groups:
             parts = min(k, g.num_rows)
             bounds = [g.num_rows * i // parts for i in range(parts + 1)]
             out += [Unit(g.dataset, g.path, g.shard, g.group, g.first_row, lo, hi, g.columns)
@@ -378,6 +388,70 @@ class LaneOrder:
                     yield Block(base, epoch, units, order)
                 base += rows
             epoch += 1
+
+
+def mixture_shares(index: StageIndex, mixture: dict[str, float] | None) -> list[float]:
+    """Share of a stage's samples per dataset (in `index.names` order): a dataset `mixture` names gets its share,
+    the others split the rest in proportion to their rows (model.config.StageConfig.mixture)."""
+    mixture = mixture or {}
+    unknown = sorted(set(mixture) - set(index.names))
+    if unknown:
+        raise ValueError(f"mixture names {unknown}, which are not among the stage's datasets {index.names}")
+    rest = [n for n in index.names if n not in mixture]
+    left = 1.0 - sum(mixture.values())
+    rows = sum(index.rows[n] for n in rest)
+    return [float(mixture[n]) if n in mixture else left * index.rows[n] / rows for n in index.names]
+
+
+def stream_seed(seed: int, dataset: str) -> int:
+    """The seed of one dataset's own stream in a mixed stage: a function of the run's seed and the dataset's name
+    only, so its order does not depend on the other datasets of the stage or on their order."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(dataset.encode())]).generate_state(1)[0])
+
+
+class MixSchedule:
+    """Which dataset each slot of a lane's mixed stream comes from.
+
+    Slots come in chunks of `chunk`. Over the first n = k * chunk slots dataset d holds floor(n C_d) -
+    floor(n C_{d-1}) of them (C the cumulative shares), so at every chunk boundary the shares hold to within one
+    slot per dataset; within a chunk the slots are in an order drawn from (seed, lane, chunk). A function of (seed, lane, position) only, so
+    the number of slots each dataset had before any position (where its own stream resumes) is computed, not
+    stored."""
+
+    SALT = 0x6D6978  # keeps these draws apart from the lane orders' ones
+
+    def __init__(self, shares: Sequence[float], seed: int, lane: int, chunk: int = 256):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1 slot, got {chunk}")
+        total = float(sum(shares))
+        self.cumulative = np.cumsum(np.asarray(shares, dtype=np.float64) / total)
+        self.cumulative[-1] = 1.0
+        self.seed, self.lane, self.chunk = seed, lane, chunk
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def counts(self, n: int) -> np.ndarray:
+        """Slots of each dataset among the first n (whole chunks: the exact allocation)."""
+        bounds = np.floor(n * self.cumulative).astype(np.int64)
+        bounds[-1] = n
+        return np.diff(bounds, prepend=0)
+
+    def chunk_order(self, j: int) -> np.ndarray:
+        if self._order is None or self._order[0] != j:
+            per = self.counts((j + 1) * self.chunk) - self.counts(j * self.chunk)
+            slots = np.repeat(np.arange(len(per)), per)
+            rng = np.random.default_rng([self.seed, self.SALT, self.lane, j])
+            self._order = (j, slots[rng.permutation(len(slots))])
+        return self._order[1]
+
+    def dataset_at(self, position: int) -> int:
+        j, k = divmod(position, self.chunk)
+        return int(self.chunk_order(j)[k])
+
+    def before(self, position: int) -> np.ndarray:
+        """Slots of each dataset before `position` (where each dataset's stream stands there)."""
+        j, k = divmod(position, self.chunk)
+        head = np.bincount(self.chunk_order(j)[:k], minlength=len(self.cumulative))
+        return self.counts(j * self.chunk) + head
 
 
 @dataclass
@@ -575,9 +649,62 @@ class _LaneCursor:
         self.position = entry.position + 1
         return entry
 
+    def pop_raw(self) -> Entry:
+        """The next entry, with an example or not (a mixed stream accounts for its slots itself)."""
+        while not self._pending:
+            self._pending.extend(next(self._blocks))
+        return self._pending.popleft()
+
     def close(self) -> None:
         self._blocks = None  # a multi-process iterator shuts its workers down when it goes
         self._pending.clear()
+
+
+class _MixedCursor:
+    """A lane's mixed stream: slot p is the next row of dataset `schedule.dataset_at(p)`'s own stream. The lane's
+    position counts slots, a row that is quarantined or fails to decode included, as in a plain lane, so the
+    position alone says where every dataset's stream stands (`MixSchedule.before`)."""
+
+    def __init__(self, orders: Sequence[LaneOrder], schedule: MixSchedule, start: int, quarantined: dict[str, set],
+                 examples_from_rows, num_workers: int, ledger: DecodeLedger, patience: int):
+        self.position = self._next = start
+        self.schedule = schedule
+        self.ledger = ledger
+        self.patience = patience
+        self.streams = [_LaneCursor(LaneBlocks(order, int(at), quarantined, examples_from_rows), num_workers,
+                                    ledger, patience)
+                        for order, at in zip(orders, schedule.before(start))]
+        self._head: Entry | None = None
+
+    def peek(self) -> Entry:
+        passed = 0
+        while True:
+            if self._head is None:
+                raw = self.streams[self.schedule.dataset_at(self._next)].pop_raw()
+                self._head = dataclasses.replace(raw, position=self._next)
+            entry = self._head
+            if entry.example is not None:
+                return entry
+            self._head = None
+            self._next += 1
+            if entry.problem is not None:
+                self.ledger.add(entry)
+            passed += 1
+            if passed > self.patience:
+                raise ValueError(f"{passed} rows in a row are quarantined or fail to decode (the last: "
+                                 f"{_where(entry.dataset, entry.shard, entry.row, entry.key)}): the stage's "
+                                 "datasets have next to no usable rows")
+
+    def take(self) -> Entry:
+        entry = self.peek()
+        self._head = None
+        self.position = self._next = entry.position + 1
+        return entry
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+        self._head = None
 
 
 class StageBatches:
@@ -590,7 +717,7 @@ class StageBatches:
     def __init__(self, index: StageIndex, examples_from_rows: Callable[[list[dict]], list],
                  collate: Callable[[list], Any], *, seed: int, sharding: Sharding, max_tokens: int | None = None,
                  sample_tokens: Callable[[Any], int] | None = None, window: int = 4, num_workers: int = 0,
-                 max_quarantine_fraction: float = 0.05):
+                 max_quarantine_fraction: float = 0.05, mixture: dict[str, float] | None = None):
         if max_tokens is not None and sample_tokens is None:
             raise ValueError("a token budget (train.max_tokens_per_micro_batch) needs the model family's "
                              "sample_tokens")
@@ -602,8 +729,16 @@ class StageBatches:
         self.sample_tokens = sample_tokens
         self.num_workers = num_workers
         self.ledger = DecodeLedger(index, max_quarantine_fraction)
-        units = index.units(sharding.lanes)
-        self.orders = {lane: LaneOrder(units, sharding.lanes, lane, seed, window) for lane in sharding.own_lanes}
+        self.shares: list[float] | None = None
+        if mixture:  # one stream per dataset and lane, interleaved by each lane's MixSchedule
+            self.shares = mixture_shares(index, mixture)
+            per_dataset = [(index.units(sharding.lanes, name), stream_seed(seed, name)) for name in index.names]
+            self.orders = {lane: [LaneOrder(units, sharding.lanes, lane, s, window) for units, s in per_dataset]
+                           for lane in sharding.own_lanes}
+            self.schedules = {lane: MixSchedule(self.shares, seed, lane) for lane in sharding.own_lanes}
+        else:
+            units = index.units(sharding.lanes)
+            self.orders = {lane: LaneOrder(units, sharding.lanes, lane, seed, window) for lane in sharding.own_lanes}
         self.positions = {lane: 0 for lane in sharding.own_lanes}
         self.samples = 0  # samples this rank has served since construction
         self._cursors: dict[int, _LaneCursor] = {}
@@ -624,11 +759,16 @@ class StageBatches:
         cursor = self._cursors.get(lane)
         return cursor.position if cursor is not None else self.positions[lane]
 
-    def _cursor(self, lane: int) -> _LaneCursor:
+    def _cursor(self, lane: int) -> _LaneCursor | _MixedCursor:
         if lane not in self._cursors:
-            dataset = LaneBlocks(self.orders[lane], self.positions[lane], self.index.quarantined,
-                                 self.examples_from_rows)
-            self._cursors[lane] = _LaneCursor(dataset, self.num_workers, self.ledger, self.index.total_rows)
+            if self.shares is not None:
+                self._cursors[lane] = _MixedCursor(self.orders[lane], self.schedules[lane], self.positions[lane],
+                                                   self.index.quarantined, self.examples_from_rows,
+                                                   self.num_workers, self.ledger, self.index.total_rows)
+            else:
+                dataset = LaneBlocks(self.orders[lane], self.positions[lane], self.index.quarantined,
+                                     self.examples_from_rows)
+                self._cursors[lane] = _LaneCursor(dataset, self.num_workers, self.ledger, self.index.total_rows)
         return self._cursors[lane]
 
     def take(self, micro_step: int) -> list[Entry]:

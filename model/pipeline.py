@@ -7,6 +7,9 @@ by a stage or a SRUM round) is decided here, once, from its files.
 
 - `generate(examples, *, steps, cfg_text, cfg_image, seed, bridge, batch_size)`: one uint8 image per example;
 - `yes_probability(images, questions)`: P(yes) from the understanding expert, one per (image, question);
+- `answer(images, questions)`: the understanding expert's greedy answer (text), one per (image, question);
+- `bridge_relevance(references, instruction)`: the understanding bridge's relevance s per reference ViT token
+  (read-only, for diagnostics);
 - `latent_grid`: (rows, cols) of latent tokens of a generated image, the grid SRUM's reward maps live on;
 - `image_size`: the side of the images it generates; `max_references`: how many references it takes.
 """
@@ -69,6 +72,41 @@ class BagelPipeline:
         from model.bagel.generate import yes_probability
 
         return yes_probability(self.model, self.tokenizer, images, questions, image_size=self.image_size)
+
+    def answer(self, images: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int = 8) -> list[str]:
+        from model.bagel.understand import greedy_answers
+
+        return greedy_answers(self.model, self.tokenizer, images, questions, max_new_tokens=max_new_tokens,
+                              image_size=self.image_size)
+
+    def bridge_relevance(self, references: Sequence[np.ndarray], instruction: str) -> list[np.ndarray] | None:
+        """Read-only: the understanding bridge's relevance s (model.bagel.bridge, Eq. 1-3: mean cosine of each
+        reference ViT token's state after `bridge_cfg.early_layer` with the instruction's) in the generation context
+        `generate` builds (references resized to `image_size`, their VAE then ViT tokens, the framed instruction).
+        One float32 (rows, cols) array per reference over its ViT grid; None without references or instruction
+        words. One forward; nothing is masked, changed or sampled (diagnostics: evaluation.diagnostics)."""
+        import torch
+
+        from model.bagel.generate import _context, _prepare
+        from model.batching import Example
+
+        if self.bridge_cfg is None:
+            raise ValueError("bridge_relevance needs the pipeline's bridge settings (load_pipeline(..., "
+                             "pipeline_settings(params.model)))")
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():  # the (I, T) pass's context, exactly as the sampler encodes it
+                case = _prepare(model, self.tokenizer, Example(refs=list(references), instruction=instruction), 0,
+                                self.image_size)
+                sample = _context(model, case, "full")
+                s = model.bridge_relevance(sample, self.bridge_cfg)
+        finally:
+            model.train(was_training)
+        if s is None:
+            return None
+        return [si.float().reshape(im.rows, im.cols).cpu().numpy() for si, im in zip(s, sample.vit_images)]
 
 
 def load_pipeline(checkpoint_dir: str | Path, settings: dict | None = None, *, device: str = "cpu"):

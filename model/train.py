@@ -28,6 +28,7 @@ in seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import importlib
@@ -43,9 +44,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from data.formats.jsonl import ignore_bad_line, read_jsonl
 from model import data_loader, engine as ds_engine
 from model.bagel.release import FAMILY_SPEC
 from model.config import BridgeConfig, ModelConfig, StageConfig, TrainConfig
+from model.ema import WeightEMA
 from model.safe_state import file_digest
 
 DEFAULT_FAMILY = FAMILY_SPEC  # "model.bagel.family:BAGEL"
@@ -54,6 +57,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 SETTINGS = "run_settings.json"
 EXPERTS = ("understanding", "generation")
+VIT = "vit"  # the vision encoder: frozen unless a stage sets train_vit (family.expert_parameters("vit"))
 
 
 class RunSettingsMismatch(RuntimeError):
@@ -111,7 +115,8 @@ class StageLoss(nn.Module):
 
 
 def apply_freezing(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
-    """requires_grad only on the experts the stage trains; everything else (ViT, latent encoder) is frozen.
+    """requires_grad only on the experts the stage trains (and the ViT with train_vit); everything else (ViT,
+    latent encoder) is frozen.
 
     Returns the trainable parameters, in model order (what the optimizer gets).
     """
@@ -122,11 +127,14 @@ def apply_freezing(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
     for expert in EXPERTS:
         if wanted[expert]:
             chosen.update(id(p) for p in model.expert_parameters(expert))
+    if stage.train_vit:
+        chosen.update(id(p) for p in model.expert_parameters(VIT))
     trainable = [p for p in model.parameters() if id(p) in chosen]
     for p in trainable:
         p.requires_grad_(True)
     if not trainable:
-        raise ValueError("the stage trains no parameters: set train_understanding and/or train_generation to true")
+        raise ValueError("the stage trains no parameters: set train_understanding, train_generation and/or "
+                         "train_vit to true")
     return trainable
 
 
@@ -233,9 +241,10 @@ class MetricsLog:
         self.t0 = self.t_prev = time.perf_counter()
         self.samples_prev = samples_before  # packed micro batches hold varying sample counts: count, not multiply
         self.last: dict = {}
-        if write and path.exists():  # rows after the resumed state are about to be recomputed
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        if write and path.exists():
+            # rows after the resumed state are about to be recomputed; a row cut short by a crash goes too
+            keep = [r for r in read_jsonl(path, ignore_bad_line) if r["step"] <= start_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def wall_s(self) -> float:
         return self.wall_before + time.perf_counter() - self.t0
@@ -260,10 +269,13 @@ class MetricsLog:
         return self.last
 
 
-def _save_state(eng, state_dir: Path, step: int, client_state: dict, rank: int) -> None:
+def _save_state(eng, state_dir: Path, step: int, client_state: dict, rank: int, ema: WeightEMA | None) -> None:
     import torch.distributed as dist
 
     tag = f"step{step:07d}"
+    if ema is not None:  # before DeepSpeed's `latest` names the tag: a resume must find the average beside it
+        (state_dir / tag).mkdir(parents=True, exist_ok=True)
+        ema.save(state_dir / tag / f"ema_rank{rank}.pt")
     eng.save_checkpoint(str(state_dir), tag=tag, client_state=client_state)
     dist.barrier()
     if rank == 0:  # keep only the newest state: older ones are never resumed from
@@ -488,6 +500,7 @@ def train_stage(
         window=train.shuffle_window,
         num_workers=train.num_workers,
         max_quarantine_fraction=max_quarantine_fraction,
+        mixture=stage.mixture,  # each dataset's share of the samples (null: in proportion to its rows)
     )
 
     t_engine = time.perf_counter()
@@ -502,6 +515,9 @@ def train_stage(
 
         _, client = load_engine_state(eng, state_dir)
         client = client or {}
+    ema = WeightEMA(trainable, train.ema_decay) if train.ema_decay else None
+    if ema is not None and (state_dir / "latest").exists():
+        ema.load(state_dir / (state_dir / "latest").read_text().strip() / f"ema_rank{rank}.pt")
     engine_init_s = time.perf_counter() - t_engine
     step = resumed_from = int(client.get("step", 0))
     samples_before = samples_seen = int(client.get("samples_seen", 0))
@@ -529,6 +545,8 @@ def train_stage(
                 eng.backward(out["loss"])
                 eng.step()
                 losses += torch.stack([out[k].detach().double() for k in ("loss", "fm_loss", "und_loss")])
+            if ema is not None:
+                ema.update()
             step += 1
             bar.update(1)
             if step % train.log_every == 0 or step == stage.steps:
@@ -547,12 +565,13 @@ def train_stage(
                           f"({row['samples_per_s']:.1f} samples/s)", flush=True)
             if step % train.save_every == 0 and step < stage.steps:
                 data = _pool_data(batches, quarantine_dir, rank, samples_before)
-                _save_state(eng, state_dir, step, {"step": step, **data, "train_wall_s": log.wall_s()}, rank)
+                _save_state(eng, state_dir, step, {"step": step, **data, "train_wall_s": log.wall_s()}, rank, ema)
         loop_s = time.perf_counter() - log.t0
         samples_seen = _pool_data(batches, quarantine_dir, rank, samples_before)["samples_seen"]
         bar.close()
 
-        checksum = save_final_weights(eng.module.model, out_dir, train.zero_stage, rank, train.max_shard_bytes)
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # a release ships the average
+            checksum = save_final_weights(eng.module.model, out_dir, train.zero_stage, rank, train.max_shard_bytes)
         checksums = _all_gather(checksum)
         if rank == 0:
             tokenizer.save_pretrained(out_dir)

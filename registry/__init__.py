@@ -16,6 +16,9 @@ SCONEEVAL_DIS = "sconeeval.dis"
 # Families the dashboards group by prefix.
 SRUM_PREFIX = "srum."
 T2I_PREFIX = "t2i."
+# Held-out understanding accuracy (evaluation.understanding, whose PREFIX it is): understanding.yes_no,
+# understanding.word, understanding.yes_rate, understanding.<question type>.yes_no / .word.
+UNDERSTANDING_PREFIX = "understanding."
 
 # Training curves read from metrics.jsonl (any numeric field is logged; these are the ones plotted).
 LOSS_METRICS: tuple[str, ...] = ("loss", "fm_loss", "und_loss")
@@ -72,4 +75,55 @@ def sconeeval_metrics(summary: dict) -> dict[str, float]:
         for key, value in figures.items():
             if key != "n_cases":
                 put(f"sconeeval.{task_type}.{key.lower()}", value)
+    return out
+
+
+# MICo-Bench (Weighted-Ref-VIEScore, 0-100) and MIGE-Bench (0-10), scored per checkpoint beside SconeEval.
+MICO_PREFIX = "mico."
+MIGE_PREFIX = "mige."
+MICO_OVERALL = "mico.overall"  # Weighted-Ref-VIEScore over all cases
+MIGE_OVERALL = "mige.overall"  # mean of subject fidelity, instruction following and preservation over all cases
+MICO_GROUPS = ("object", "person", "hoi", "de_re")  # MICo-Bench's task groups (evaluation.mico.CATEGORIES)
+MIGE_EDITS = ("addition", "replacement")
+MIGE_FIGURES = ("subject_fidelity", "instruction_following", "preservation")
+# The report's leaderboard columns, in the papers' table order.
+MICO_COLUMNS: tuple[tuple[str, str], ...] = (("Overall", MICO_OVERALL), ("Object", "mico.object.score"),
+                                             ("Person", "mico.person.score"), ("HOI", "mico.hoi.score"),
+                                             ("De&Re", "mico.de_re.score"), ("W", "mico.w"), ("SC", "mico.sc"),
+                                             ("PQ", "mico.pq"))
+MIGE_COLUMNS: tuple[tuple[str, str], ...] = tuple(
+    (f"{edit[:3].capitalize()}. {short}", f"mige.{edit}.{figure}")
+    for edit in MIGE_EDITS for figure, short in zip(MIGE_FIGURES, ("SF", "IF", "Pres"))
+) + (("Overall", MIGE_OVERALL),)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # drops NaN
+
+
+def mico_metrics(summary: dict) -> dict[str, float]:
+    """Registry names for an `evaluation.mico.summarize` summary: `mico.overall` (the score), `mico.{w,sc,pq,
+    ref_viescore}` over all cases and `mico.<group>.<figure>` per task group."""
+    if not isinstance(summary, dict) or "overall" not in summary or "per_category" not in summary:
+        raise ValueError("not a MICo-Bench summary: expected evaluation.mico.summarize's dict ('overall', 'per_category')")
+    out: dict[str, float] = {}
+    for key, value in summary["overall"].items():
+        if key != "n_cases" and _number(value):
+            out[MICO_OVERALL if key == "score" else f"mico.{key.lower()}"] = float(value)
+    for group, figures in summary["per_category"].items():
+        out.update({f"mico.{group}.{k.lower()}": float(v) for k, v in figures.items() if k != "n_cases" and _number(v)})
+    return out
+
+
+def mige_metrics(summary: dict) -> dict[str, float]:
+    """Registry names for an `evaluation.migebench.summarize` summary: `mige.overall` (the score), `mige.<figure>`
+    over all cases and `mige.<edit>.<figure>` per edit type (figure names lower-cased)."""
+    if not isinstance(summary, dict) or "overall" not in summary or "per_edit" not in summary:
+        raise ValueError("not a MIGE-Bench summary: expected evaluation.migebench.summarize's dict ('overall', 'per_edit')")
+    out: dict[str, float] = {}
+    for key, value in summary["overall"].items():
+        if key != "n_cases" and _number(value):
+            out[MIGE_OVERALL if key == "score" else f"mige.{key.lower()}"] = float(value)
+    for edit, figures in summary["per_edit"].items():
+        out.update({f"mige.{edit}.{k.lower()}": float(v) for k, v in figures.items() if k != "n_cases" and _number(v)})
     return out

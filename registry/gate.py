@@ -1,5 +1,7 @@
 """The promotion gate: a candidate becomes `champion` only if it clears the SconeEval thresholds and does not
-regress the current champion's Overall score by more than `max_regression`.
+regress the current champion's Overall score by more than `max_regression`; and, where params set them, if it
+clears each further benchmark's threshold (`registry.gate.mico.min_score` on `mico.overall`, `...mige...` on
+`mige.overall`) and does not regress that benchmark's headline by more than its `max_regression`.
 
 `decide` is the rule, pure; `apply_gate` reads the registry, applies the rule and records the outcome on the
 candidate version (tags + description), moving the alias only on promotion.
@@ -13,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 from mlflow import MlflowClient
 
-from registry import SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL
-from registry.config import GateConfig
+from registry import MICO_OVERALL, MIGE_OVERALL, SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL
+from registry.config import BenchmarkGate, GateConfig
 from registry.models import CHAMPION_ALIAS, version_by_alias, version_metrics
 
 TAG_DECISION = "gate.decision"
@@ -75,7 +77,41 @@ def decide(candidate_metrics: Mapping[str, float], champion_metrics: Mapping[str
             reasons.append(f"fail: regression: {verdict}")
         else:
             reasons.append(f"pass: no regression: {verdict}")
+    for key, rules in ((MICO_OVERALL, gate.mico), (MIGE_OVERALL, gate.mige)):
+        ok = _benchmark_rules(key, rules, candidate_metrics, champion_metrics, reasons) and ok
     return GateDecision(promote=ok, reasons=reasons, candidate_metrics=dict(candidate_metrics))
+
+
+def _benchmark_rules(key: str, rules: BenchmarkGate, candidate: Mapping[str, float],
+                     champion: Mapping[str, float] | None, reasons: list[str]) -> bool:
+    """A further benchmark's threshold and no-regression rule on its headline `key` (each only when set)."""
+    ok = True
+    value = candidate.get(key)
+    if rules.min_score is not None:
+        if value is None:
+            ok = False
+            reasons.append(f"fail: {key} missing from the candidate's metrics (min_score {rules.min_score:g} cannot be checked)")
+        elif value + _EPS < rules.min_score:
+            ok = False
+            reasons.append(f"fail: {key} {value:.4f} < min_score {rules.min_score:g}")
+        else:
+            reasons.append(f"pass: {key} {value:.4f} >= min_score {rules.min_score:g}")
+    if rules.max_regression is not None:
+        if champion is None:
+            reasons.append(f"pass: no champion yet ({key})")
+        elif champion.get(key) is None:
+            reasons.append(f"pass: the champion has no {key}; no regression check possible")
+        elif value is None:
+            ok = False
+            reasons.append(f"fail: {key} missing from the candidate's metrics (its regression cannot be checked)")
+        else:
+            verdict = f"{key} {value:.4f} vs champion {champion[key]:.4f} (max_regression {rules.max_regression:g})"
+            if value + _EPS < champion[key] - rules.max_regression:
+                ok = False
+                reasons.append(f"fail: regression: {verdict}")
+            else:
+                reasons.append(f"pass: no regression: {verdict}")
+    return ok
 
 
 def apply_gate(client: MlflowClient, model_name: str, version: str | int, gate: GateConfig) -> GateDecision:

@@ -25,14 +25,14 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from registry import SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL, T2I_PREFIX
+from registry import MICO_OVERALL, MIGE_OVERALL, SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL, T2I_PREFIX
 from registry.tracking import TAG_DATA_HASH, TAG_GIT_COMMIT, TAG_GIT_DIRTY, TAG_KIND, TAG_STAGE, Tracker
 
 CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"
 METRIC_TAG_PREFIX = "metric."
 # The scores a reviewer scans in the registry list; every other metric stays on the run and the logged model.
-HEADLINE_METRICS = (SCONEEVAL_OVERALL, SCONEEVAL_COM, SCONEEVAL_DIS, f"{T2I_PREFIX}mean")
+HEADLINE_METRICS = (SCONEEVAL_OVERALL, SCONEEVAL_COM, SCONEEVAL_DIS, f"{T2I_PREFIX}mean", MICO_OVERALL, MIGE_OVERALL)
 TAG_EVAL_SUMMARY = "scone.eval_summary"  # older versions named their summary file; read by dashboards.report
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 EVAL_ARTIFACT_PATH = "eval"

@@ -1,9 +1,9 @@
 """Figures logged as run artifacts (matplotlib, headless)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from data.formats.jsonl import ignore_bad_line, read_jsonl
 from registry import LOSS_METRICS
 
 
@@ -11,11 +11,7 @@ def loss_plot(metrics_jsonl: Path, out_png: Path, title: str = "") -> Path | Non
     """The training curves of a `metrics.jsonl` (`registry.LOSS_METRICS` against step) as a PNG; None when the file
     holds none of them."""
     series: dict[str, list[tuple[int, float]]] = {k: [] for k in LOSS_METRICS}
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in read_jsonl(metrics_jsonl, ignore_bad_line):  # a file training may still be appending to
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
             continue
         for k in LOSS_METRICS:

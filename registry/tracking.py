@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from data.formats.jsonl import iter_jsonl
 from registry.config import RegistryConfig
 
 # Run tags: what a checkpoint is and which code and data made it. Copied onto model versions at registration.
@@ -291,14 +292,6 @@ class Tracker:
         with self.continue_run(None, name, kind, data_hash, tags) as run_id:
             yield run_id
 
-    def find_run(self, name: str, kind: str | None = None) -> str | None:
-        """The newest run for checkpoint `name` (lets a resumed pipeline attach evaluation to its training run)."""
-        query = f"tags.`{TAG_STAGE}` = '{name}'"
-        if kind:
-            query += f" AND tags.`{TAG_KIND}` = '{kind}'"
-        runs = self.client.search_runs([self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
-
     def log_params(self, run_id: str, params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
         flat = flatten_params(params, prefix)
         items = [Param(k, v) for k, v in flat.items()]
@@ -327,13 +320,7 @@ class Tracker:
             raise FileNotFoundError(f"metrics file {path} not found (training writes it next to the checkpoint)")
         now = int(time.time() * 1000)
         points: list[Metric] = []
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        for lineno, rec in iter_jsonl(path):
             if not isinstance(rec, dict) or not _is_number(rec.get("step")):
                 raise ValueError(f"{path}:{lineno}: each line must be a JSON object with a numeric 'step'")
             step = int(rec["step"])

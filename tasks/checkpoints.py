@@ -33,6 +33,19 @@ def uses_bridge(params, name: str) -> bool:
     return any(params.train.stages[s].bridge for s in upto)
 
 
+def generation_trained(params, name: str) -> bool:
+    """Whether a stage up to checkpoint `name` (or a SRUM round) has trained the generation expert. Before that the
+    checkpoint generates with the release's weights (the tiny release's are fresh: und_pretrain trains understanding
+    only), so the generation benchmarks and the registry, whose versions are generation models gated on SconeEval,
+    skip it; its understanding is scored like every checkpoint's."""
+    if is_srum(name):
+        return True
+    order = list(params.pipeline.stage_order)
+    stage = stage_of(params, name)
+    upto = order[: order.index(stage) + 1] if stage in order else [stage]
+    return any(params.train.stages[s].train_generation for s in upto)
+
+
 def data_dirs(params, name: str) -> list:
     """The dataset folders a checkpoint was trained on (for the DVC data hash on its registered version)."""
     p = Paths.from_params(params)

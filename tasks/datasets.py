@@ -19,11 +19,11 @@ def all_names() -> list[str]:
 
 def dataset_outputs(name: str) -> list[str]:
     """The paths (relative to the data root) that building `name` writes."""
-    from data.build import BENCH, S2I_DATASETS, SRUM
+    from data.catalog import BENCH, HELDOUT_BENCHES, S2I_DATASETS, SRUM
 
     if name in S2I_DATASETS:
         return [f"parquet_data/{name}", f"parquet_info/{name}.json"]
-    if name in (BENCH, SRUM):
+    if name in (BENCH, SRUM, *HELDOUT_BENCHES):
         return [name]
     raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
 

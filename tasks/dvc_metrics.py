@@ -20,6 +20,14 @@ def headline_scores(summary: dict, t2i: dict) -> dict[str, float]:
     return out
 
 
+def heldout_headline(metrics: dict[str, float]) -> dict[str, float]:
+    """Per checkpoint, the DVC metrics file of MICo-Bench or MIGE-Bench: from the registry's names of one benchmark
+    (registry.mico_metrics / mige_metrics) the overall figures and each group's score, `.` spelled `_`
+    (`mico_overall`, `mico_w`, `mico_object_score`, `mige_preservation`, `mige_addition_score`, ...)."""
+    keep = {k: v for k, v in metrics.items() if k.count(".") == 1 or k.endswith(".score")}
+    return {k.replace(".", "_"): round(float(v), 6) for k, v in sorted(keep.items())}
+
+
 def write_loss_curve(metrics_jsonl: Path, out: Path) -> None:
     """The training log as a JSON list of rows (DVC's plots read JSON, CSV or YAML, not JSON lines)."""
     from data.formats.jsonl import read_jsonl

@@ -42,10 +42,14 @@ BUILD_STAGES = {
     "scone_single_candidate_refined": "build_refined",
     "scone_multi_candidate": "build_multi_candidate",
     "t2i_pretrain": "build_t2i_pretrain",
+    "und_pretrain": "build_und_pretrain",
+    "und_heldout": "build_und_heldout",
     "sconeeval_bench": "build_sconeeval_bench",
     "srum_prompts": "build_srum_prompts",
     "mico": "build_mico",
     "mige_edit": "build_mige_edit",
+    "mico_bench": "build_mico_bench",
+    "mige_bench": "build_mige_bench",
 }
 VALIDATE_STAGE = "validate_data"
 BOOTSTRAP_STAGES = ("bootstrap_tokenizer", "bootstrap_autoencoder", "bootstrap_release")

@@ -9,11 +9,20 @@ DATASETS = (
     "scone_single_candidate_refined",
     "scone_multi_candidate",
     "t2i_pretrain",  # text-to-image rows (no references): the base model's T2I competence, mixed into Stage I
+    "und_pretrain",  # understanding rows (an image, questions, answers): the base model's understanding
+    "und_heldout",  # the held-out understanding questions every checkpoint is scored on
     "sconeeval_bench",
     "srum_prompts",
     "mico",  # MICo-150K-style composition types (not in the default stage mixes; train on it by naming it)
     "mige_edit",  # MIGE-style subject addition / replacement with <imagehere> instructions
+    "mico_bench",  # held-out MICo-Bench cases in its layout (data.heldout): every checkpoint is scored on them
+    "mige_bench",  # held-out MIGE-Bench cases (subject addition, replacement) in its layout
 )
+HELDOUT_BENCHMARKS = ("mico", "mige")  # scored per checkpoint beside SconeEval: <scores>/<ckpt>/<b>/, <metrics>/<b>/
+
+# Scone's recipe by role: the training stages (keys of params train.stages) the benchmarks start from or time
+STAGE1_FINAL = "stage1_step2"  # the end of Stage I: every Stage II version of `scone bench ablation-stage2` starts here
+STAGE2_FINAL = "stage2_step2"  # the Scone model (both experts after bridge guidance): sampled and timed by the benches
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,16 @@ class Paths:
         return self.root / "bench"
 
     @property
+    def sconeeval_bench(self) -> Path:
+        """The held-out benchmark (SconeEval layout: data.jsonl + images) under the data root."""
+        return self.data / "sconeeval_bench"
+
+    @property
+    def srum_prompts(self) -> Path:
+        """The SRUM rounds' compositional prompts (data.formats.srum_prompts) under the data root."""
+        return self.data / "srum_prompts" / "prompts.jsonl"
+
+    @property
     def work(self) -> Path:
         """Resumable working state (DeepSpeed optimizer state, worker logs): outside every DVC output."""
         return self.root / "work"
@@ -75,6 +94,31 @@ class Paths:
     def score_metrics(self, name: str) -> Path:
         """Headline scores of one checkpoint, flat JSON: a DVC metrics file (`dvc metrics show|diff`, `dvc exp show`)."""
         return self.metrics / "sconeeval" / f"{name}.json"
+
+    def understanding_metrics(self, name: str) -> Path:
+        """One checkpoint's held-out understanding accuracy per question type, flat JSON: a DVC metrics file."""
+        return self.metrics / "understanding" / f"{name}.json"
+
+    def diagnostics_metrics(self, name: str) -> Path:
+        """One checkpoint's diagnostics (bridge localisation AUC, self vs oracle judge agreement), flat JSON: a DVC
+        metrics file (evaluation.diagnostics)."""
+        return self.metrics / "diagnostics" / f"{name}.json"
+
+    def diagnostics_dir(self, name: str) -> Path:
+        """The diagnostics' pictures and per-case details, inside the checkpoint's scores folder."""
+        return self.score_dir(name) / "diagnostics"
+
+    def heldout_bench(self, benchmark: str) -> Path:
+        """The held-out MICo-Bench (`mico`) or MIGE-Bench (`mige`) folder the data stage builds."""
+        return self.data / f"{benchmark}_bench"
+
+    def heldout_scores(self, name: str, benchmark: str) -> Path:
+        """One checkpoint's results on MICo-Bench or MIGE-Bench, in that benchmark's layout."""
+        return self.score_dir(name) / benchmark
+
+    def heldout_metrics(self, name: str, benchmark: str) -> Path:
+        """One checkpoint's MICo-Bench or MIGE-Bench figures, flat JSON: a DVC metrics file."""
+        return self.metrics / benchmark / f"{name}.json"
 
     @property
     def leaderboard(self) -> Path:

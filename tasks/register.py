@@ -39,9 +39,18 @@ def _already_registered(client, model_name: str, weights_md5: str):
     return None
 
 
+def _flatten(tree: dict, prefix: str) -> dict[str, float]:
+    out = {}
+    for key, value in tree.items():
+        out |= _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": float(value)}
+    return out
+
+
 def checkpoint_metrics(params, name: str) -> dict[str, float]:
-    """SconeEval averages and per-task figures, compositional T2I accuracy and, for SRUM rounds, reward statistics."""
-    from registry import SRUM_PREFIX, T2I_PREFIX, sconeeval_metrics
+    """SconeEval averages and per-task figures, compositional T2I accuracy, MICo-Bench and MIGE-Bench figures (when
+    the checkpoint's scores have them), held-out understanding accuracy per question type and, for SRUM rounds,
+    reward statistics."""
+    from registry import SRUM_PREFIX, T2I_PREFIX, UNDERSTANDING_PREFIX, mico_metrics, mige_metrics, sconeeval_metrics
 
     paths = Paths.from_params(params)
     summary_path = paths.score_dir(name) / name / "summary.json"
@@ -53,6 +62,13 @@ def checkpoint_metrics(params, name: str) -> dict[str, float]:
         t2i = json.loads(t2i_path.read_text())
         metrics[f"{T2I_PREFIX}mean"] = float(t2i["mean"])
         metrics.update({f"{T2I_PREFIX}{k}": float(v) for k, v in t2i["per_category"].items()})
+    for benchmark, convert in (("mico", mico_metrics), ("mige", mige_metrics)):
+        heldout = paths.heldout_scores(name, benchmark) / "summary.json"
+        if heldout.exists():
+            metrics.update(convert(json.loads(heldout.read_text())))
+    understanding = paths.understanding_metrics(name)  # held-out accuracy per question type (evaluate), nested
+    if understanding.exists():
+        metrics.update(_flatten(json.loads(understanding.read_text()), UNDERSTANDING_PREFIX))
     if is_srum(name):
         stats_path = paths.srum_round(srum_index(name)) / "summary.json"
         if stats_path.exists():
@@ -141,15 +157,19 @@ def register_step(params, name: str) -> dict:
 
 
 def register_all_step(params) -> list[dict]:
-    """Every checkpoint of the chain, in chain order (the gate compares each with the champion before it)."""
+    """Every checkpoint of the chain that generates, in chain order (the gate compares each with the champion before
+    it); a checkpoint whose generation expert no stage has trained yet is no generation model (tasks.checkpoints)."""
+    from tasks.checkpoints import generation_trained
     from tasks.paths import checkpoint_names
 
-    records = [register_step(params, name) for name in checkpoint_names(params)]
+    records = [register_step(params, name) for name in checkpoint_names(params) if generation_trained(params, name)]
     write_json(Paths.from_params(params).leaderboard, [
         {"checkpoint": r["name"], "version": int(r["version"]), "gate": r.get("decision"),
          **{k.replace("sconeeval.", "sconeeval_"): round(v, 6) for k, v in r["metrics"].items()
             if k in ("sconeeval.overall", "sconeeval.com", "sconeeval.dis")},
-         "t2i_accuracy": round(r["metrics"].get("t2i.mean", 0.0), 6)}
+         "t2i_accuracy": round(r["metrics"].get("t2i.mean", 0.0), 6),
+         **{k.replace(".", "_"): round(r["metrics"][k], 6) for k in ("mico.overall", "mige.overall")
+            if k in r["metrics"]}}
         for r in records])
     return records
 

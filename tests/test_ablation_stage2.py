@@ -13,7 +13,7 @@ PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 @pytest.mark.slow
 def test_every_version_trains_from_stage1_and_is_scored(bagel_release, tmp_path):
     from data.build import build_dataset
-    from evaluation.ablation_stage2 import run
+    from benchmarks.ablation_stage2 import run
     from flows.params import load_params
     from model.bagel.release import find_weights
 

@@ -123,7 +123,7 @@ def test_loads_to_target_dtype(tmp_path):
 
 
 def test_tiny_preset_round_trips_through_a_release_directory(tmp_path):
-    """The embedded default's architecture (latent patch 1, two downsamplings) is recovered from its files alone."""
+    """The embedded default's architecture (latent patch 2, one downsampling) is recovered from its files alone."""
     from model.bagel.config import preset
     from model.bagel.model import BagelModel
     from model.bagel.config import BagelConfig
@@ -135,4 +135,4 @@ def test_tiny_preset_round_trips_through_a_release_directory(tmp_path):
     save_release(model, tmp_path / "rel")
     loaded = BagelConfig.from_release(tmp_path / "rel", _shapes(find_weights(tmp_path / "rel").files))
     assert loaded == tiny
-    assert (tiny.latent_downsample, tiny.patch_latent_dim) == (4, 4)
+    assert (tiny.latent_downsample, tiny.patch_latent_dim) == (4, 16)

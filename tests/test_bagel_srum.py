@@ -1,6 +1,6 @@
 """SRUM rounds on BAGEL release directories (model.bagel.srum, model.srum_train, evaluation.srum).
 
-The release is the `tiny` preset (32 x 32 images, 8 x 8 latent tokens of 4 channels, latent patch 1) with fresh
+The release is the `tiny` preset (32 x 32 images, 8 x 8 latent tokens of 16 values, latent patch 2) with fresh
 weights and the fixture's Qwen2 tokenizer (358 tokens and BAGEL's markers, inside the preset's 512 embeddings).
 """
 import json

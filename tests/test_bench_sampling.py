@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.bench_sampling import (INSTRUCTION, PhaseTimer, bench_examples, context_tokens, load_bench_pipeline,
-                                       reference_images, run)
+from benchmarks.sampling import (INSTRUCTION, PhaseTimer, bench_examples, context_tokens, load_bench_pipeline,
+                                 reference_images, run)
 from flows.params import load_params
 from release_edit import VELOCITY_HEAD, copy_with_weights, random_normal
 

@@ -27,7 +27,7 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path):
 
 @pytest.mark.slow
 def test_bench_reports_rows_per_second(tmp_path):
-    from data.bench import run
+    from benchmarks.data_build import run
 
     params = types.SimpleNamespace(data=DataConfig(rows_per_row_group=8, sizes=DatasetSizes(base=32)))
     result = run(params, tmp_path / "bench" / "data_build.json")

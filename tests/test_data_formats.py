@@ -108,8 +108,6 @@ def test_srum_rewards_round_trip(tmp_path):
     back = srum_rewards.read_rewards(path)
     assert back[0] == records[0]
     assert back[1] == records[1]
-    assert srum_rewards.global_score(back[0]) == 0.8 and srum_rewards.global_score({"vlm_rewards": []}) is None
-    assert [r["object"] for r in srum_rewards.regional_rewards(back[0])] == ["a red circle"]
 
 
 def test_malformed_reward_lines_are_reported_with_line_numbers(tmp_path):

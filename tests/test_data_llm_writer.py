@@ -1,4 +1,5 @@
-"""LLM instruction writer against a local OpenAI-compatible server (127.0.0.1, started by the test)."""
+"""LLM instruction writer against a local OpenAI-compatible server (127.0.0.1, started by the test), through the
+project's one client (data.openai_client, the judges' too)."""
 import json
 import threading
 import time
@@ -10,7 +11,9 @@ from data.build import BASE, build_dataset
 from data.config import DataConfig, DatasetSizes, LLMWriterConfig
 from data.formats import scone_s2i
 from data.instructions import InstructionPlan, Mention
-from data.llm_writer import LLMWriterError, OpenAIWriter, build_prompt, check_instruction
+from data.llm_writer import LLMWriterError, OpenAIWriter, build_prompt, check_instruction, normalise
+from data.openai_cache import AnswerCache
+from data.openai_client import ChatClient
 
 
 class FakeLLM:
@@ -89,21 +92,37 @@ def test_prompt_carries_only_the_phrases_and_the_answer_is_validated_and_cached(
     text = writer.write(PLAN)
     assert text == "place the red circle from image 1 on the left , the person from image 2 on the right at the beach"
     assert server.requests[0]["model"] == "tiny-llm"
+    assert writer.write(PLAN) == text and len(server.requests) == 1  # one answer per prompt, even asked twice
     again = OpenAIWriter(llm(server), tmp_path / "cache")
     assert again.write(PLAN) == text and len(server.requests) == 1  # answered from the disk cache
-    entry = json.loads(writer.cache_path(prompt).read_text())
-    assert entry["model"] == "tiny-llm" and entry["instruction"] == text
+    assert isinstance(writer.client, ChatClient) and again.client.usage()["cache_hits"] == 1
+    (entry,) = [json.loads(f.read_text()) for f in (tmp_path / "cache").glob("??/*.json")]  # the client's cache layout
+    assert entry["model"] == "tiny-llm" and entry["kind"] == "instruction" and normalise(entry["answer"]) == text
     other_model = OpenAIWriter(llm(server).model_copy(update={"model": "other"}), tmp_path / "cache")
-    assert other_model.cache_path(prompt) != writer.cache_path(prompt)
+    assert other_model.write(PLAN) == text and len(server.requests) == 2  # another model: another question
 
 
 def test_transient_errors_are_retried_with_backoff(server, tmp_path):
     server.fail_first = 2
-    assert OpenAIWriter(llm(server, max_retries=2), tmp_path).write(PLAN).startswith("place the red circle")
+    writer = OpenAIWriter(llm(server, max_retries=2), tmp_path)
+    assert writer.write(PLAN).startswith("place the red circle")
     assert len(server.requests) == 3
+    u = writer.client.usage()  # the shared client's retries: the judge's backoff and accounting
+    assert (u["retries"], u["requests"], u["answers"]) == (2, 3, 1) and u["backoff_s"] > 0
     server.fail_first = 5
-    with pytest.raises(LLMWriterError, match=r"unreachable after 2 attempts: InternalServerError"):
+    with pytest.raises(LLMWriterError, match=r"data.llm: instruction for the red circle, the person request to "
+                                              r"http://127.0.0.1:\d+/v1 \(model tiny-llm\) failed after 2 attempts; "
+                                              r"last error: HTTP 500"):
         OpenAIWriter(llm(server, max_retries=1), tmp_path / "other").write(PLAN)
+
+
+def test_a_public_endpoint_without_a_key_is_refused_when_the_writer_is_built(tmp_path, monkeypatch):
+    monkeypatch.delenv("MY_LLM_KEY", raising=False)
+    with pytest.raises(LLMWriterError, match="needs an API key: set MY_LLM_KEY.*data.instruction_writer=template"):
+        OpenAIWriter(LLMWriterConfig(base_url="https://llm.example.com/v1", api_key_env="MY_LLM_KEY"), tmp_path)
+    monkeypatch.setenv("MY_LLM_KEY", "sk-test")
+    writer = OpenAIWriter(LLMWriterConfig(base_url="https://llm.example.com/v1", api_key_env="MY_LLM_KEY"), tmp_path)
+    assert writer.client.api_key == "sk-test"
 
 
 @pytest.mark.parametrize(
@@ -117,9 +136,10 @@ def test_transient_errors_are_retried_with_backoff(server, tmp_path):
 )
 def test_bad_answers_raise_instead_of_falling_back(server, tmp_path, answer, problem):
     server.answer = answer
-    with pytest.raises(LLMWriterError, match=re_escape(problem)):
-        OpenAIWriter(llm(server), tmp_path).write(PLAN)
-    assert not list(tmp_path.glob("*.json"))  # nothing cached
+    with pytest.raises(LLMWriterError, match=re_escape(problem)) as err:
+        OpenAIWriter(llm(server, max_retries=1), tmp_path).write(PLAN)
+    assert "(after 2 attempts)" in str(err.value) and len(server.requests) == 2  # asked again, like a failed request
+    assert len(AnswerCache(tmp_path)) == 0  # nothing cached
 
 
 def re_escape(s):

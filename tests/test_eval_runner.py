@@ -58,8 +58,9 @@ def test_protocol_files_and_hand_computed_summary(tmp_path):
     # groups: perfect, perfect (COM 10, DIS 10, Overall 10), blank, blank (COM 0; DIS: labels [1, 0],
     # nothing predicted -> acc 5, F1 0 -> 2.5; Overall 1.25)
     assert s["groups"] == 4
-    assert s["average"] == pytest.approx({"COM": 5.0, "DIS": 6.25, "Overall": 5.625})
-    assert s["std"] == pytest.approx({"COM": 5.0, "DIS": 3.75, "Overall": 4.375})
+    # PF and SC: 10 in the perfect groups, 0 in the blank ones
+    assert s["average"] == pytest.approx({"COM": 5.0, "DIS": 6.25, "Overall": 5.625, "PF": 5.0, "SC": 5.0})
+    assert s["std"] == pytest.approx({"COM": 5.0, "DIS": 3.75, "Overall": 4.375, "PF": 5.0, "SC": 5.0})
     assert s["seeds"] == [0, 1] and s["judge"] == "oracle" and s["n_cases"] == 2
     assert s["sample_images"] == ["images_try1/distinction_cross/d1.png", "images_try1/composition_multi/m1.png"]
     on_disk = json.loads((model_dir / "summary.json").read_text())

@@ -5,18 +5,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from evaluation.aggregate import aggregate_command
+from evaluation.paper_results import SCONE_TABLE3
+from evaluation.results import ResultsLayoutError, com_score, write_scores
 from evaluation.sconeeval import (
-    PAPER_TABLE3,
-    ResultsLayoutError,
     aggregate,
-    aggregate_command,
-    com_score,
     distinction_metrics,
-    flat_metrics,
     format_table3,
     score_line,
     table3_row,
-    write_scores,
 )
 
 
@@ -100,8 +97,9 @@ def test_layout_round_trip_means_and_stds(tmp_path):
     assert (tmp_path / "m" / "score_try2" / "distinction_cross" / "score.jsonl").is_file()
     s = aggregate(tmp_path, "m")
     assert s["groups"] == 2
-    assert s["average"] == pytest.approx({"COM": 5.5, "DIS": 7.5, "Overall": 6.5})
-    assert s["std"] == pytest.approx({"COM": 1.5, "DIS": 2.5, "Overall": 0.5})
+    # PF over task types: group 1 (6.5 + 10) / 2 = 8.25, group 2 (5 + 4) / 2 = 4.5; SC: (2.5 + 10) / 2, (1 + 9) / 2
+    assert s["average"] == pytest.approx({"COM": 5.5, "DIS": 7.5, "Overall": 6.5, "PF": 6.375, "SC": 5.625})
+    assert s["std"] == pytest.approx({"COM": 1.5, "DIS": 2.5, "Overall": 0.5, "PF": 1.875, "SC": 0.625})
     single = s["per_task"]["composition_single"]
     assert single["COM"] == pytest.approx(3.0) and single["PF"] == pytest.approx(5.75) and single["n_cases"] == 2
     assert s["per_task_std"]["composition_single"]["COM"] == pytest.approx(1.0)
@@ -109,8 +107,6 @@ def test_layout_round_trip_means_and_stds(tmp_path):
     assert s["missing_task_types"] == [
         "composition_multi", "distinction_intra", "distinction_composition_cross", "distinction_composition_intra"
     ]
-    assert flat_metrics(s)["sconeeval/Overall"] == pytest.approx(6.5)
-    assert flat_metrics(s)["sconeeval/distinction_cross/DIS"] == pytest.approx(7.5)
 
 
 def test_com_averages_case_com_not_sqrt_of_means(tmp_path):
@@ -177,7 +173,7 @@ def test_table3_layout(tmp_path):
     assert plain.splitlines()[1].split() == ["Method", "Single", "Multi", "Cross", "Intra", "Cross", "Intra"]
     assert plain.splitlines()[2].split() == ["COM"] * 3 + ["DIS", "COM"] * 3 + ["DIS", "COM", "DIS", "Overall"]
     scone = [l for l in plain.splitlines() if l.startswith("Scone (paper)")][0]
-    assert scone.split()[-1] == "8.50" and len(PAPER_TABLE3["Scone"]) == 13
+    assert scone.split()[-1] == "8.50" and len(SCONE_TABLE3["Scone"]) == 13
     rich_text = format_table3(s, style="rich")
     assert "tiny" in rich_text and "3.50" in rich_text
     with pytest.raises(ValueError, match="style"):
@@ -202,6 +198,9 @@ def test_aggregate_command_writes_json_and_returns_table(tmp_path):
     with pytest.raises(ValueError, match="no OmniContext category"):
         aggregate_command(tmp_path, "tiny", "omnicontext", None)
     with pytest.raises(ValueError, match="benchmark"):
+        aggregate_command(tmp_path, "tiny", "dreambench", None)
+    # nor a MICo-Bench one: its lines lack the judged MICo fields
+    with pytest.raises(ValueError, match="MICo case .* lacks"):
         aggregate_command(tmp_path, "tiny", "mico", None)
 
 

@@ -5,18 +5,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from benchmarks.judge import requests_per_case, run, synthesize
 from data.config import DataConfig
 from data.formats.sconeeval import read_bench, write_bench
 from data.render import render_array
-from evaluation.bench_judge import requests_per_case, run, synthesize
 from evaluation.config import EvalConfig
+from flows.params import PipelineConfig
 from test_eval_oracle import distinction_case, multi_case
 
 
 @pytest.fixture
 def params(tmp_path):
     write_bench([distinction_case(), multi_case()], tmp_path / "data" / "sconeeval_bench")
-    return SimpleNamespace(data=DataConfig(root=str(tmp_path / "data")), eval=EvalConfig())
+    return SimpleNamespace(data=DataConfig(root=str(tmp_path / "data")), eval=EvalConfig(),
+                           pipeline=PipelineConfig(artifacts=str(tmp_path / "artifacts")))
 
 
 def test_synthesised_cases_have_distinct_keys_and_images(params):

@@ -147,3 +147,38 @@ def test_table_layout():
     assert "| BAGEL (paper) | 19.3 | 24.4 | 22.4 | 12.9 | 34.2 |" in rows
     assert rows[-1] == "| mine | 62.0 | 100.0 | 24.0 | - | - |"  # overall (100 + 24) / 2
     assert not math.isnan(s["category_mean"]["score"])
+
+
+def test_w_ref_viescore_graded_faces_zero_weights_and_missing_faces_hand_computed(tmp_path):
+    """A results tree another tool wrote (one file per task group), aggregated from the judges' answers."""
+    from evaluation.mico import aggregate_mico
+
+    a = {"key": "a", "category": "Human-Centric", "PF": 4, "SR": 9, "naturalness": 9, "artifacts": 4,
+         # faces in every band: 1.0, 0.7, 0.5, 0.2, 0.0; one object present -> W = 3.4 / 6
+         "sources": [{"identity_similarity": s} for s in (0.5, 0.35, 0.2, 0.1, 0.01)] + [{"present": "yes"}]}
+    # zero weight: no face found (None) and the object absent -> W = 0, so 0 despite perfect SC and PQ
+    b = {"key": "b", "category": "HOI", "PF": 10, "SR": 10, "naturalness": 10, "artifacts": 10,
+         "sources": [{"identity_similarity": None}, {"present": 0}]}
+    c = {**b, "key": "c", "sources": [{"identity_similarity": [0.02, 0.3]}]}  # best face 0.3 -> 0.7
+    (tmp_path / "run" / "person").mkdir(parents=True)
+    (tmp_path / "run" / "hoi").mkdir()
+    (tmp_path / "run" / "person" / "judged.jsonl").write_text(json.dumps(a) + "\n")
+    (tmp_path / "run" / "hoi" / "judged.jsonl").write_text(json.dumps(b) + "\n" + json.dumps(c) + "\n")
+    s = aggregate_mico(tmp_path / "run")
+    assert s["model"] == "run"
+    assert s["per_category"]["person"]["W"] == pytest.approx(3.4 / 6)
+    assert s["per_category"]["person"]["score"] == pytest.approx(3.4 / 6 * 6 * 6)  # SC 6, PQ 6: 20.4
+    assert s["per_category"]["hoi"]["score"] == pytest.approx((0 + 70) / 2)
+    assert s["per_category"]["hoi"]["ref_viescore"] == pytest.approx(100.0)  # without W both cases are perfect
+    assert s["overall"]["score"] == pytest.approx((20.4 + 0 + 70) / 3)
+    assert s["category_mean"]["score"] == pytest.approx((20.4 + 35) / 2)
+    assert s["missing_categories"] == ["object", "de_re"]
+    # stored figures that disagree with the judges' answers are recomputed from the answers
+    (tmp_path / "run" / "hoi" / "judged.jsonl").write_text(json.dumps({**b, "score": 99.0, "W": 1, "SC": 10, "PQ": 10}) + "\n")
+    assert aggregate_mico(tmp_path / "run")["per_category"]["hoi"]["score"] == 0.0
+    # a case missing a judge's score is an error naming it, not a silent 0
+    (tmp_path / "run" / "hoi" / "judged.jsonl").write_text(json.dumps({k: v for k, v in b.items() if k != "SR"}) + "\n")
+    with pytest.raises(ValueError, match=r"MICo case b lacks \['SR'\]"):
+        aggregate_mico(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="no MICo-Bench results"):
+        aggregate_mico(tmp_path / "empty")

@@ -1,4 +1,4 @@
-"""`scone bench train-throughput` (model.bench_throughput) on the BAGEL family: a fresh release of params' preset,
+"""`scone bench train-throughput` (benchmarks.train_throughput) on the BAGEL family: a fresh release of params' preset,
 or params' release, timed on the built datasets."""
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 from data.build import build_dataset
 from flows.params import load_params
-from model import bench_throughput
+from benchmarks import train_throughput as bench_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
 

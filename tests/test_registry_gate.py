@@ -88,3 +88,67 @@ def test_evaluation_summary_maps_to_registry_names():
     assert decide(m, None, GateConfig(min_overall=7.0)).promote
     with pytest.raises(ValueError, match="not a SconeEval summary"):
         sconeeval_metrics({"Overall": 7.0})
+
+
+# ---------------------------------------------------------------- MICo-Bench and MIGE-Bench rules (params: null = off)
+
+
+def with_heldout(com, dis, mico=None, mige=None):
+    from registry import MICO_OVERALL, MIGE_OVERALL
+
+    out = scores(com, dis)
+    out.update({k: v for k, v in ((MICO_OVERALL, mico), (MIGE_OVERALL, mige)) if v is not None})
+    return out
+
+
+def test_benchmark_rules_are_off_by_default_and_keep_todays_decisions():
+    gate = GateConfig()
+    assert gate.mico.min_score is None and gate.mige.max_regression is None
+    # a candidate far worse on MICo and MIGE than the champion, equal on SconeEval: promoted as before
+    d = decide(with_heldout(6.0, 8.0, mico=1.0, mige=0.5), with_heldout(6.0, 8.0, mico=60.0, mige=9.0), gate)
+    assert d.promote and not any("mico" in r or "mige" in r for r in d.reasons)
+
+
+def test_benchmark_threshold_rejects_and_names_itself():
+    gate = GateConfig(mico={"min_score": 20.0}, mige={"min_score": 5.0})
+    d = decide(with_heldout(6.0, 8.0, mico=19.0, mige=5.0), None, gate)
+    assert not d.promote
+    assert [r for r in d.reasons if r.startswith("fail")] == ["fail: mico.overall 19.0000 < min_score 20"]
+    assert "pass: mige.overall 5.0000 >= min_score 5" in d.reasons
+    missing = decide(scores(6.0, 8.0), None, gate)  # a candidate scored without them cannot pass a set threshold
+    assert not missing.promote and any("mico.overall missing" in r for r in missing.reasons)
+
+
+def test_benchmark_no_regression_rule_per_benchmark():
+    gate = GateConfig(mige={"max_regression": 0.5})
+    champion = with_heldout(6.0, 8.0, mico=50.0, mige=6.0)
+    assert decide(with_heldout(6.0, 8.0, mico=10.0, mige=5.5), champion, gate).promote  # within tolerance; MICo off
+    d = decide(with_heldout(6.0, 8.0, mige=5.4), champion, gate)
+    assert not d.promote and any(r.startswith("fail: regression: mige.overall 5.4000 vs champion 6.0000") for r in d.reasons)
+    assert decide(with_heldout(6.0, 8.0, mige=1.0), scores(6.0, 8.0), gate).promote  # the champion has no MIGE score
+    assert decide(with_heldout(6.0, 8.0, mige=1.0), None, gate).promote
+    with pytest.raises(ValueError):
+        GateConfig(mico={"max_regression": -1.0})
+
+
+def test_mico_and_mige_summaries_map_to_registry_names():
+    from registry import MICO_COLUMNS, MICO_OVERALL, MIGE_COLUMNS, MIGE_OVERALL, mico_metrics, mige_metrics
+
+    mico = {"overall": {"score": 24.0, "W": 0.5, "SC": 6.0, "PQ": 8.0, "ref_viescore": 48.0, "n_cases": 8},
+            "per_category": {"hoi": {"score": 30.0, "W": 0.5, "SC": 6.0, "PQ": 10.0, "ref_viescore": 60.0, "n_cases": 3}}}
+    m = mico_metrics(mico)
+    assert m[MICO_OVERALL] == 24.0 and m["mico.w"] == 0.5 and m["mico.hoi.score"] == 30.0 and len(m) == 5 + 5
+    mige = {"overall": {"subject_fidelity": 4.0, "instruction_following": 2.0, "preservation": 9.0, "score": 5.0,
+                        "L1": 0.1, "n_cases": 8},
+            "per_edit": {"addition": {"subject_fidelity": 4.0, "score": 5.0, "n_cases": 4}}}
+    g = mige_metrics(mige)
+    assert g[MIGE_OVERALL] == 5.0 and g["mige.preservation"] == 9.0 and g["mige.l1"] == 0.1
+    assert g["mige.addition.subject_fidelity"] == 4.0 and not any("n_cases" in k for k in g)
+    # the report's columns name metrics these produce
+    assert {k for _, k in MICO_COLUMNS} <= set(m) | {f"mico.{c}.score" for c in ("object", "person", "de_re")}
+    assert {k for _, k in MIGE_COLUMNS} <= set(g) | {f"mige.{e}.{f}" for e in ("addition", "replacement")
+                                                      for f in ("subject_fidelity", "instruction_following", "preservation")}
+    with pytest.raises(ValueError, match="not a MICo-Bench summary"):
+        mico_metrics({"average": {}})
+    with pytest.raises(ValueError, match="not a MIGE-Bench summary"):
+        mige_metrics(mico)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dashboards.report import PAPER_TABLE3, build_report, sample_paths
+from dashboards.report import PAPER_ROWS, build_report, sample_paths
 from registry import SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL, TABLE3_COLUMNS
 from registry.config import GateConfig, RegistryConfig
 from registry.gate import apply_gate
@@ -36,7 +36,9 @@ def repo(tmp_path_factory, bagel_release):
     root = tmp_path_factory.mktemp("repo")
     artifacts = root / "artifacts"
     tracker = Tracker(RegistryConfig(tracking_uri="sqlite:///artifacts/mlflow.db", model_name=MODEL), root)
-    plan = [("stage1_step1", table3_metrics(3.0)), ("srum_round1", {**table3_metrics(2.0), "srum.reward_mean": 0.625,
+    heldout = {"mico.overall": 31.5, "mico.object.score": 40.25, "mico.hoi.score": 12.75, "mico.w": 0.5,
+               "mige.overall": 6.125, "mige.addition.subject_fidelity": 7.5, "mige.replacement.preservation": 9.25}
+    plan = [("stage1_step1", {**table3_metrics(3.0), **heldout}), ("srum_round1", {**table3_metrics(2.0), "srum.reward_mean": 0.625,
                                                                     "t2i.color": 0.75})]
     for i, (name, metrics) in enumerate(plan):
         ckpt = artifacts / "checkpoints" / name
@@ -68,7 +70,7 @@ def test_report_table_rows_and_paper_context(repo):
     page = out.read_text()
     table = re.search(r'<table id="sconeeval">(.*?)</table>', page, re.S).group(1)
     rows = re.findall(r"<tr.*?</tr>", table, re.S)
-    assert len(rows) == 1 + 2 + len(PAPER_TABLE3)  # header, our two versions in registry order, paper rows
+    assert len(rows) == 1 + 2 + len(PAPER_ROWS)  # header, our two versions in registry order, paper rows
     assert "stage1_step1 v1" in rows[1] and "srum_round1 v2" in rows[2]
     assert 'class="badge champion"' in rows[1] and 'class="badge candidate"' in rows[2]
     cells = re.findall(r"<td(?! class=\"name)[^>]*>([^<]*)</td>", rows[1])
@@ -156,3 +158,21 @@ def test_report_plots_the_srum_ablation_and_judge_agreement(tmp_path):
     (artifacts / "bench" / "srum-ablation.json").write_text('{"judge": "oracle"}')
     page = build_report(artifacts, "sqlite:///artifacts/mlflow.db", MODEL).read_text()
     assert "srum-ablation.json is unreadable" in page and "re-run <code>scone bench srum-ablation</code>" in page
+
+
+def test_mico_and_mige_leaderboards_beside_the_papers_rows(repo):
+    from evaluation.paper_results import MICO_TABLE2, MIGE_TABLE3
+
+    artifacts, out = repo
+    page = out.read_text()
+    mico = re.search(r'<table id="mico">(.*?)</table>', page, re.S).group(1)
+    rows = re.findall(r"<tr.*?</tr>", mico, re.S)
+    assert len(rows) == 1 + 2 + len(MICO_TABLE2)
+    cells = re.findall(r"<td(?! class=\"name)[^>]*>([^<]*)</td>", rows[1])
+    assert cells == ["31.50", "40.25", "not run", "12.75", "not run", "0.50", "not run", "not run"]
+    assert "not run" in rows[2]  # the SRUM version has no MICo score
+    assert "BAGEL (paper)" in mico and "19.3" in mico and "De&amp;Re" in rows[0]
+    mige = re.search(r'<table id="mige">(.*?)</table>', page, re.S).group(1)
+    assert "6.12" in mige and "7.50" in mige and "9.25" in mige
+    paper = re.search(r'<table id="mige-paper">(.*?)</table>', page, re.S).group(1)
+    assert len(re.findall(r"<tr", paper)) == 1 + len(MIGE_TABLE3) and "0.863" in paper and "MIGE (paper)" in paper

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.srum_ablation import VARIANTS, default_variants, judge_agreement, variant_config, variant_map
 from data.formats.srum_rewards import GLOBAL_OBJECT, read_rewards
-from evaluation.ablation_srum import VARIANTS, default_variants, judge_agreement, variant_config, variant_map
 from model.config import SrumConfig
 
 # 32 x 32 image, 8 x 8 latent grid: global 0.5 (factor 0.75), one region over the left half scored 1.0
@@ -86,16 +86,17 @@ def test_variant_maps_take_the_pipelines_rows_and_cols():
 
 @pytest.mark.slow
 def test_ablation_trains_every_variant_on_the_same_candidates(bagel_release, tmp_path):
-    from data.build import SRUM, _world
+    from data.catalog import SRUM
+    from data.world import dataset_world
     from data.config import DataConfig
     from data.formats.srum_prompts import make_prompts, write_prompts
-    from evaluation.ablation_srum import run
+    from benchmarks.srum_ablation import run
     from evaluation.config import EvalConfig, SamplingConfig
     from flows.params import load_params
     from test_srum_round import tiny_checkpoint
 
     data = DataConfig(root=str(tmp_path / "data"))
-    write_prompts(make_prompts(_world(data, SRUM, "train"), 7), tmp_path / "data" / "srum_prompts" / "prompts.jsonl")
+    write_prompts(make_prompts(dataset_world(data, SRUM), 7), tmp_path / "data" / "srum_prompts" / "prompts.jsonl")
     cfg, _ = tiny_checkpoint(bagel_release, tmp_path / "artifacts" / "checkpoints" / "stage2_step2")
     params = types.SimpleNamespace(
         data=data, model=cfg, train=load_params(Path(__file__).parents[1] / "params.yaml").train,

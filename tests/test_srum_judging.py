@@ -6,20 +6,19 @@ import pytest
 from data.formats.srum_rewards import read_rewards, write_rewards
 from data.render import render_array
 from data.scene import Placement, Scene, Subject
-from evaluation import srum
-from evaluation.srum import (
+from evaluation.judges import rewards  # the reward protocol of the judge family (evaluation.srum uses it)
+from evaluation.judges.rewards import (
     OracleRewardJudge,
     OpenAIRewardJudge,
     SelfRewardJudge,
-    candidate_seed,
     isolate,
     layout_band,
     make_reward_judge,
     neutral_band,
     prompt_colours,
     propose_regions,
-    reward_record,
 )
+from evaluation.srum import candidate_seed, reward_record
 from model.reward_map import reward_map
 
 RED_CIRCLE = Subject("u1", "object", "circle", "red")
@@ -191,7 +190,7 @@ def _srum_openai_judge(server, tmp_path, **changes):
 def test_openai_judge_against_the_local_endpoint(tmp_path, monkeypatch):
     import json
 
-    from openai_stub_server import StubServer, answer_for, request_parts
+    from benchmarks.openai_stub import StubServer, answer_for, request_parts
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
@@ -229,7 +228,7 @@ def test_openai_judge_against_the_local_endpoint(tmp_path, monkeypatch):
 
 def test_openai_judge_rejects_prose_naming_the_request(tmp_path, monkeypatch):
     from evaluation.judges.prompts import JudgeAnswerError
-    from openai_stub_server import StubServer
+    from benchmarks.openai_stub import StubServer
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     image = render_array(SPATIAL["target"])
@@ -242,13 +241,13 @@ def test_openai_judge_rejects_prose_naming_the_request(tmp_path, monkeypatch):
 
 
 def test_region_answers_missing_a_region_count_as_neutral_with_a_warning():
-    answer = srum.RegionsAnswer(regions=[srum.RegionAnswer(region=2, object="box", reason="ok", score=0.5),
-                                         srum.RegionAnswer(region=9, object="?", reason="out of range", score=1.0)])
+    answer = rewards.RegionsAnswer(regions=[rewards.RegionAnswer(region=2, object="box", reason="ok", score=0.5),
+                                         rewards.RegionAnswer(region=9, object="?", reason="out of range", score=1.0)])
     with pytest.warns(UserWarning, match=r"region\(s\) \[1, 3\]"):
-        out = srum.regions_from_answer(answer, 3, "p0")
+        out = rewards.regions_from_answer(answer, 3, "p0")
     assert [j.score for j in out] == [0.0, 0.5, 0.0] and out[1].object == "box"
     with pytest.raises(Exception, match="less than or equal to 1"):
-        srum.LayoutAnswer(reason="x", score=3.0)
+        rewards.LayoutAnswer(reason="x", score=3.0)
 
 
 def test_unknown_judge_names_the_choices():
@@ -262,4 +261,4 @@ def test_candidate_seeds_differ_across_rounds_and_candidates():
 
 
 def test_layout_specified_falls_back_to_the_category():
-    assert srum.layout_specified({"category": "complex"}) and not srum.layout_specified({"category": "numeracy"})
+    assert rewards.layout_specified({"category": "complex"}) and not rewards.layout_specified({"category": "numeracy"})

@@ -116,7 +116,7 @@ def test_stage_batches_collate_the_lane_of_the_rank(tmp_path):
 
 def test_missing_dataset_names_the_folder_and_the_fix(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"dataset 'nope'.*parquet_info/nope.json.*scone data build nope"):
-        data_loader.read_rows(tmp_path, "nope")
+        StageIndex(tmp_path, ["nope"])
 
 
 def test_shard_without_image_column_is_rejected(tmp_path):
@@ -128,7 +128,7 @@ def test_shard_without_image_column_is_rejected(tmp_path):
     pq.write_table(pa.table({"instruction": ["a"]}), tmp_path / "parquet_data" / "x" / "part-00000.parquet")
     (tmp_path / "parquet_info" / "x.json").write_text('{"parquet_data/x/part-00000.parquet": {"num_row_groups": 1}}')
     with pytest.raises(ValueError, match=r"missing column\(s\) \['image'\]"):
-        data_loader.read_rows(tmp_path, "x")
+        data_loader.load_examples(tmp_path, ["x"], examples_from_rows)  # the in-memory loader, reading rows
     with pytest.raises(ValueError, match=r"dataset x, parquet_data/x/part-00000.parquet: "
                                          r"missing column\(s\) \['image'\]"):
         StageIndex(tmp_path, ["x"])  # the trainer's index, from the footers, before any row is read

@@ -10,6 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from data.formats.jsonl import iter_jsonl
 from data.instructions import T2I_COMPANIONS, T2I_RELATIONS, TARGET_POSITION_PHRASES, counted, describe, t2i_prompt
 from data.scene import CHARACTER_CATEGORIES, OBJECT_CATEGORIES, SCENES, TEXTURES, Scene
 from data.world import LAYOUTS, ROW_LAYOUT, Exhausted, World, layout_scene
@@ -112,13 +113,10 @@ def read_prompts(path: str | Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: build it with data.build.build_dataset('srum_prompts', cfg)")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, row in iter_jsonl(path):
         try:
-            row = json.loads(line)
             row["target"] = Scene.from_dict(row["target"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: malformed prompt row ({e})") from None
         rows.append(row)
     return rows

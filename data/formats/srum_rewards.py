@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data.formats.jsonl import iter_jsonl
+
 GLOBAL_OBJECT = "global_layout_reward"
 
 
@@ -93,25 +95,11 @@ def read_rewards(path: str | Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"reward file {path} not found")
     out, bad = [], []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, value in iter_jsonl(path, on_bad_line=lambda n, _, why: bad.append(f"  line {n}: not valid JSON ({why})")):
         try:
-            out.append(_dump(RewardRecord.model_validate_json(line)))
+            out.append(_dump(RewardRecord.model_validate(value)))
         except ValidationError as e:
             bad.append(f"  line {n}: {_first_errors(e)}")
     if bad:
         raise RewardFileError(f"{path}: {len(bad)} malformed line(s)\n" + "\n".join(bad))
     return out
-
-
-def global_score(record: dict) -> float | None:
-    """The global layout score of a record, or None when it has none."""
-    for r in record["vlm_rewards"]:
-        if r["object"] == GLOBAL_OBJECT:
-            return float(r["score"])
-    return None
-
-
-def regional_rewards(record: dict) -> list[dict]:
-    return [r for r in record["vlm_rewards"] if r["object"] != GLOBAL_OBJECT]

@@ -1,6 +1,9 @@
-"""Judges: who scores a generated image against a SconeEval case.
+"""Judges: who scores a generated image, for SconeEval and for SRUM's rewards. One family of three backends
+(`oracle`, `openai`, `self`) answering two protocols, over one detection and matching module
+(evaluation.detect, with the thresholds every backend reads: PRESENCE_FRACTION, the silhouette ramp) and one
+OpenAI-compatible client (data.openai_client: retries, cache, concurrency, usage).
 
-Every backend answers the two questions of the SconeEval protocol (Scone Sec. 4.3):
+SconeEval (Scone Sec. 4.3), `make_judge(kind)`:
 
 - `composition(case, image) -> (pf, sc, reason)`: prompt following and subject consistency, 0-10.
   `reason` is one string, or a (pf_reason, sc_reason) pair when the backend reasons about each score
@@ -10,11 +13,16 @@ Every backend answers the two questions of the SconeEval protocol (Scone Sec. 4.
   the output? Asked for every candidate of every reference on the distinction task types.
 
 `name` labels result files; `deterministic` tells the runner that repeating a scoring gives the same
-answer (the oracle), so it may score once and reuse the result for every scoring of the protocol.
+answer (the oracle), so it may score once and reuse the result for every scoring of the protocol;
+`protocol` (the openai judge: `released` or `strict`, eval.openai.protocol) is written beside the scores.
 
-Backends: `oracle` (pixels against the world's ground truth, evaluation.judges.oracle), `openai`
-(any OpenAI-compatible VLM endpoint, evaluation.judges.openai) and `self` (the model's own
-understanding expert, evaluation.judges.self).
+SRUM rewards (SRUM Sec. 3.2), `evaluation.judges.rewards.make_reward_judge(kind)`: `judge(row, image, regions)
+-> (global layout judgment, one judgment per region)`, scores in [-1, 1]; the oracle's from the same pixel
+analysis, the self one's from the same understanding expert, the openai one's through an OpenAIJudge.
+
+Backends: `oracle` (pixels against the world's ground truth, evaluation.judges.oracle), `openai` (any
+OpenAI-compatible VLM endpoint, evaluation.judges.openai, its protocols in evaluation.judges.released and
+evaluation.judges.prompts) and `self` (the model's own understanding expert, evaluation.judges.self).
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ the instruction names in words is an instruction, so PF judges that one.
     PF = 10 * mean over subjects * background factor * 1 / (1 + extras)
     background factor: 1, or 0.75 + 0.25 * background agreement (below) when the instruction names the
         scene in words ("in the city") and no reference image supplies it
-    extras: every other blob weighs min(1, area / A_expected) when area >= 0.3 * A_expected, else 0:
+    extras: every other blob weighs min(1, area / A_expected) when area >= PRESENCE_FRACTION (0.3) * A_expected,
+        else 0:
         a second blob of a required colour (a duplicate, A_expected = that subject's A_gt), a
         distractor from a reference (A_expected = its area in that reference) or a colour no
         reference holds (a hallucination, A_expected = median A_gt).
@@ -38,8 +39,8 @@ SC, subject consistency (0-10): appearance of each required subject's match
 
 Presence(ref i, phrase): the candidate is `case.references[i].placements[j]`, j = the phrase's index
 in `case.subject_list[i]` (phrases are in placement order). It is present (1) when the largest blob of
-its colour covers >= 0.3 * A_expected (its A_gt when it is also in the target, else its area in the
-reference render).
+its colour covers >= PRESENCE_FRACTION (0.3, evaluation.detect) * A_expected (its A_gt when it is also in the
+target, else its area in the reference render).
 
 A perfect render of the target scores PF = SC = 10 and answers every presence question as
 `subject_label`; an image without subject colours scores 0.
@@ -55,6 +56,9 @@ from scipy import ndimage
 from data.render import own_mask, render_array
 from data.scene import Scene
 from evaluation.detect import (
+    PRESENCE_FRACTION,
+    SHAPE_IOU_FULL,
+    SHAPE_IOU_ZERO,
     Detection,
     aligned_mask_iou,
     bbox_iou,
@@ -72,11 +76,11 @@ from evaluation.detect import (
 class OracleThresholds:
     full_dist: float = 30.0  # pixel classification: full palette membership within this RGB distance
     zero_dist: float = 80.0  # ... and none beyond this one
-    presence_fraction: float = 0.3  # a blob counts as the subject at this share of its expected area
+    presence_fraction: float = PRESENCE_FRACTION  # a blob counts as the subject at this share of its expected area
     soft_presence_fraction: float = 0.5  # PF's presence credit is full at this share
     position_iou_full: float = 0.8  # PF's position credit is full at this bbox IoU
-    shape_iou_full: float = 0.95  # SC shape credit: full at this aligned silhouette IoU ...
-    shape_iou_zero: float = 0.45  # ... none at this one (a circle in a square's box reaches ~0.8)
+    shape_iou_full: float = SHAPE_IOU_FULL  # SC shape credit: full at this aligned silhouette IoU ...
+    shape_iou_zero: float = SHAPE_IOU_ZERO  # ... none at this one
     colour_full: float = 15.0
     colour_zero: float = 75.0
     background_full: float = 30.0

@@ -1,4 +1,9 @@
-"""What a VLM judge is asked on SconeEval, and the only answers it may give.
+"""The `strict` judge protocol (eval.openai.protocol: strict): what a VLM judge is asked on SconeEval, and the
+only answers it may give. The default protocol is the released scoring's (evaluation.judges.released); this one
+is ours and stricter: a system message, every image labelled, the images at `eval.openai.image_size` with
+nearest-neighbour resampling (pixel-exact blocks of the tiny renders), and the subject-consistency request
+names the ground-truth target and distractor subjects. Scores it produces are not comparable with the
+published leaderboard (docs/judges.md).
 
 Three requests per the protocol (Scone Sec. 4.3), each asking for a short rationale and a value:
 
@@ -13,7 +18,8 @@ Three requests per the protocol (Scone Sec. 4.3), each asking for a short ration
 The scoring guides follow VIEScore / OmniContext (0-10 with a rationale) and the SconeEval
 distinction prompt, worded here in our own terms. Answers are one JSON object; `parse_answer` accepts
 exactly that (optionally inside a ```json fence) and raises `JudgeAnswerError` with the raw text
-otherwise: a judge never falls back to a default score.
+otherwise: a judge never falls back to a default score. `JudgeAnswerError` and `unusable` (its message: the
+case, the request, the problem and the raw answer) serve both protocols and the SRUM reward requests.
 """
 from __future__ import annotations
 
@@ -23,14 +29,16 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
+from data.openai_client import AnswerError
+
 SYSTEM = (
     "You are a meticulous, strict evaluator of subject-driven image generation. You look carefully at every "
     "image you are given and answer with exactly the JSON object you are asked for, nothing else."
 )
 
 
-class JudgeAnswerError(ValueError):
-    """A judge's answer is not the JSON object its request asked for."""
+class JudgeAnswerError(AnswerError):
+    """A judge's answer is not what its request asked for (the client retries it, then raises it)."""
 
 
 class ScoreAnswer(BaseModel):
@@ -155,16 +163,21 @@ def parse_answer(raw: str | None, schema: type[BaseModel], *, case_key: str, wha
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise JudgeAnswerError(_message(case_key, what, raw, f"not JSON ({e.msg} at char {e.pos})")) from None
+        raise JudgeAnswerError(unusable(case_key, what, raw, f"not JSON ({e.msg} at char {e.pos})")) from None
+    return validate(data, schema, raw, case_key=case_key, what=what)
+
+
+def validate(data: Any, schema: type[BaseModel], raw: str | None, *, case_key: str, what: str) -> Any:
+    """`data` (a decoded answer) as `schema`, or JudgeAnswerError naming each problem."""
     if not isinstance(data, dict):
-        raise JudgeAnswerError(_message(case_key, what, raw, f"expected a JSON object, got {type(data).__name__}"))
+        raise JudgeAnswerError(unusable(case_key, what, raw, f"expected a JSON object, got {type(data).__name__}"))
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'answer'}: {err['msg']}" for err in e.errors())
-        raise JudgeAnswerError(_message(case_key, what, raw, problems)) from None
+        raise JudgeAnswerError(unusable(case_key, what, raw, problems)) from None
 
 
-def _message(case_key: str, what: str, raw: str | None, problem: str) -> str:
+def unusable(case_key: str, what: str, raw: str | None, problem: str) -> str:
     shown = raw if raw is None or len(raw) <= 2000 else raw[:2000] + f"... ({len(raw)} chars)"
     return f"case {case_key}: the judge's {what} answer is unusable: {problem}\nraw answer: {shown!r}"

@@ -34,9 +34,13 @@ itself, so reference states never depend on the instruction (s compares two inde
 context token depends on the target, so a cached context's keys/values and mask equal those of one uncached
 sequence.
 
-How the layout is read (`layout_of`): the instruction is the sample's last text (causal) segment; images before
-it are references, latent images after it are targets. No marker is needed, so every producer of
-`model.generation_context`'s layout gets the bridge.
+How the layout is read (`layout_of`): the instruction is the sample's text (causal) segments, the last of which
+closes the context; images before it are references, latent images after it are targets. No marker is needed, so
+every producer of model.bagel.context's layouts gets the bridge. In the plain layout that is one segment after
+every reference. In an interleaved one (an instruction with `<imagehere>` placeholders, MIGE) the instruction is
+all its framed pieces, and a reference placed after a piece attends to it: there s compares the reference's
+states, which have read the text before its placeholder, with the instruction's (Scone's bridge never sees such
+contexts; the released data have none).
 
 Straight-through bridge formation (this project's addition for small models): the forward pass
 uses the hard mask; target rows additionally get soft_attention - soft_attention.detach() with the differentiable
@@ -85,22 +89,28 @@ def _index(t: torch.Tensor) -> torch.Tensor:
 
 
 def layout_of(sample: PackedSample, special: SpecialTokens) -> BridgeLayout | None:
-    """Who is instruction, reference and target in `sample`; None when the bridge has nothing to compare."""
+    """Who is instruction, reference and target in `sample`; None when the bridge has nothing to compare.
+
+    The instruction is every text segment of the context (one in the plain layout; the framed pieces of an
+    interleaved one, model.bagel.context), and the last of them closes the context."""
     text = [seg for seg in sample.segments if seg.causal]
     if not text:
         return None
-    ins = text[-1]
-    first = bisect.bisect_left(sample.text_index, ins.start)
-    ids = sample.text_ids[first: first + (ins.end - ins.start)]
+    last = text[-1]
+    ids = []
+    for seg in text:
+        first = bisect.bisect_left(sample.text_index, seg.start)
+        ids += sample.text_ids[first: first + (seg.end - seg.start)]
     if all(i in (special.bos, special.eos) for i in ids):
         return None  # instruction dropped: nothing to measure relevance against
-    if any(int(im.index[0]) > ins.start for im in sample.vit_images):
-        raise ValueError("the understanding bridge expects every reference ViT image before the instruction "
-                         "(a ViT image after it would attend to the instruction)")
+    if any(int(im.index[0]) > last.start for im in sample.vit_images):
+        raise ValueError("the understanding bridge expects every reference ViT image before the instruction's last "
+                         "text segment, which closes the context (a ViT image after it would attend to the "
+                         "instruction)")
     vits = sample.vit_images
     if not vits:
         return None
-    vaes = [im for im in sample.vae_images if int(im.index[0]) < ins.start]
+    vaes = [im for im in sample.vae_images if int(im.index[0]) < last.start]
     if vaes and len(vaes) != len(vits):
         raise ValueError(f"{len(vaes)} reference latent images but {len(vits)} reference ViT images: the bridge "
                          "pairs them in order and needs one of each per reference (or no latent ones)")
@@ -108,9 +118,9 @@ def layout_of(sample: PackedSample, special: SpecialTokens) -> BridgeLayout | No
         Reference(_index(v.index), (v.rows, v.cols),
                   _index(vaes[k].index) if vaes else None, (vaes[k].rows, vaes[k].cols) if vaes else None)
         for k, v in enumerate(vits))
-    after = [_index(im.index) for im in sample.vae_images if int(im.index[0]) >= ins.end]
+    after = [_index(im.index) for im in sample.vae_images if int(im.index[0]) >= last.end]
     targets = torch.cat(after) if after else torch.zeros(0, dtype=torch.long)
-    return BridgeLayout(torch.arange(ins.start, ins.end), refs, targets)
+    return BridgeLayout(torch.cat([torch.arange(seg.start, seg.end) for seg in text]), refs, targets)
 
 
 def relevance(h: torch.Tensor, layout: BridgeLayout) -> list[torch.Tensor]:

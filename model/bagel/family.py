@@ -32,17 +32,25 @@ all in ONE packed forward (`BagelModel.hidden_states`):
 - generation sample: for each reference, its clean VAE tokens (timestep 0) then its ViT tokens, each framed by
   <|vision_start|> ... <|vision_end|>; the instruction as <|im_start|> text <|im_end|>; then the target latent
   tokens at x_t = (1 - t) x0 + t eps. fm_loss = MSE of llm2vae(h) against v = eps - x0 over all target tokens.
+  An instruction with `<imagehere>` placeholders (MIGE's rows) is interleaved instead: its framed text pieces with
+  each reference's VAE and ViT tokens at its placeholder (model.bagel.context, the layout sampling builds too;
+  collate's sample then also carries "pieces", the pieces' ids). An editing row's source image is one of its
+  references, so the model sees the image it edits.
 - understanding sample (an example with a `qa` pair; one pair per example, model.batching's pick): the target's
   ViT tokens, the question framed, then the answer framed as <|im_start|> answer <|im_end|>; und_loss = LM
   cross-entropy of the answer tokens and the closing <|im_end|> (each predicted from the token before it, the first
   from <|im_start|>, as `BagelModel.answer_logits` queries), mean over those tokens of the batch; 0 when none.
+  An understanding-only example (an understanding row, `Example.understanding_only`) gives one understanding sample
+  per question about its image and no generation sample; a batch of them only has fm_loss 0.
 - guidance dropout (train mode only, drawn from the generator by model.scheduler.guidance_dropout): with
   probability cfg_drop_image the references (VAE and ViT tokens) and the instruction are removed (the sampler's
   (-, -) pass), else with cfg_drop_text the instruction becomes an empty framed text (its (I, -) pass). t, the noise, x_t and the velocity target come from model.scheduler.
 
 Experts (`expert_parameters`): understanding = the language model's understanding copies, embed_tokens, the final
 norm, lm_head, and the ViT connector; generation = every `*_moe_gen` copy, vae2llm, llm2vae, time_embedder. The ViT,
-the autoencoder and the two sin-cos tables belong to neither and stay frozen (as in BAGEL / Scone training).
+the autoencoder and the two sin-cos tables belong to neither and stay frozen (as in BAGEL / Scone training), but for
+the ViT in a stage with `train_vit` (`expert_parameters("vit")`: BAGEL's pretraining trains its ViT; the tiny
+release's is fresh, so the understanding pretraining stage trains it).
 
 Understanding bridge (Scone Stage II, model.bagel.bridge): `training_loss(batch, bridge=True,
 bridge_config=<params' model.bridge>)`, computed in the same packed forward (s from the understanding states after
@@ -75,6 +83,7 @@ from torch import nn
 
 from model.bagel.bridge import BridgeHook
 from model.bagel.config import BagelConfig, preset
+from model.bagel.context import add_generation_context, context_text_tokens, encode_instruction, is_interleaved
 from model.bagel.model import AE_PREFIX, BagelModel
 from model.bagel.packing import PackedSample
 from model.bagel.qwen2_mot import GEN_SUFFIX
@@ -84,7 +93,7 @@ from model.bagel.release import (TOKENIZER_FILES, WEIGHT_NAMES, ReleaseWriter, _
 from model.config import BridgeConfig
 from model.scheduler import (add_noise, flow_matching_loss, guidance_dropout, sample_timesteps, training_noise,
                              velocity_target)
-from model.train import EXPERTS, ModelFamily
+from model.train import EXPERTS, VIT, ModelFamily
 
 PREFIX = "bagel."  # the wrapper's parameter names: PREFIX + the release's key
 
@@ -173,6 +182,8 @@ class BagelForTraining(nn.Module):
     # ---- experts ----
 
     def expert_parameters(self, expert: str) -> list[nn.Parameter]:
+        if expert == VIT:  # not an expert: the ViT encoder, which only a stage with train_vit trains
+            return [p for n, p in self.bagel.named_parameters() if n.startswith("vit_model.")]
         if expert not in EXPERTS:
             raise ValueError(f"unknown expert {expert!r}; expected one of {EXPERTS}")
         return [p for n, p in self.bagel.named_parameters() if expert_of(n) == expert]
@@ -206,24 +217,27 @@ class BagelForTraining(nn.Module):
             drop_image, drop_text = guidance_dropout(len(gens), float(batch.get("cfg_drop_image", 0.0)),
                                                      float(batch.get("cfg_drop_text", 0.0)), generator)
 
-        # clean latents of the references kept and of every target, in one call of the frozen encoder
+        # clean latents of the references kept and of every target, in one call of the frozen encoder (on the first
+        # image when there is none to encode: every module runs once per forward, see _hidden_states)
         need = sorted({i for s, di in zip(gens, drop_image) for i in ([] if di else s["refs"])}
                       | {s["target"] for s in gens})
-        latents = {}
-        if need:
-            with torch.no_grad():
-                encoded = m.ae_encode(pixels[need])
-            latents = {i: m.latent_to_tokens(z) for i, z in zip(need, encoded)}
+        with torch.no_grad():
+            encoded = m.ae_encode(pixels[need or [0]])
+        latents = {i: m.latent_to_tokens(z) for i, z in zip(need, encoded)}
 
         t = self._timesteps(len(gens), batch, generator, device) if gens else None
         samples, targets, velocity_targets, x_ts = [], [], [], []
         for k, s in enumerate(gens):
             sample = PackedSample()
-            if not drop_image[k]:
-                for i in s["refs"]:
-                    m.add_latent(sample, latents[i], rows, cols, timestep=0.0)
-                    sample.add_vit_image(pixels[i], cfg.vit.patch_size, cfg.vit_max_num_patch_per_side, m.special)
-            sample.add_text(m.frame_text([] if drop_text[k] else s["text"]))
+            refs = [] if drop_image[k] else s["refs"]
+
+            def add_reference(j, sample=sample, refs=refs):
+                m.add_latent(sample, latents[refs[j]], rows, cols, timestep=0.0)
+                sample.add_vit_image(pixels[refs[j]], cfg.vit.patch_size, cfg.vit_max_num_patch_per_side, m.special)
+
+            # model.bagel.context: references first then the text, or interleaved at the instruction's placeholders
+            add_generation_context(sample, m.frame_text, len(refs), add_reference, s.get("pieces") or [s["text"]],
+                                   drop_text=drop_text[k])
             x0 = latents[s["target"]]
             eps = training_noise(x0.shape, generator, device, dtype)
             x_t = add_noise(x0, eps, t[k:k + 1])
@@ -256,6 +270,8 @@ class BagelForTraining(nn.Module):
             h = torch.cat([hidden[k][idx.to(device)] for k, idx in enumerate(targets)])
             out["velocity"] = m.llm2vae(h)
             out["velocity_target"] = torch.cat(velocity_targets)
+        else:  # an understanding-only batch: llm2vae still runs (on one token, weight 0), see _hidden_states
+            keepalive = keepalive + 0.0 * m.llm2vae(hidden[0][:1]).float().sum()
         if qas:
             h = torch.cat([hidden[len(gens) + j][idx.to(device)] for j, idx in enumerate(answers)])
             out["logits"] = m.language_model.lm_head(h)
@@ -299,13 +315,17 @@ class BagelForTraining(nn.Module):
             keepalive = keepalive + 0.0 * (dummy + m.vit_pos_embed(pos)).float().sum()
 
         vae = [(o, im) for o, s in zip(offsets, samples) for im in s.vae_images]
-        if not vae:
-            raise ValueError("a BAGEL training batch needs at least one latent image (every generation sample has)")
-        pos = torch.cat([im.position_ids for _, im in vae]).to(device)
-        t = torch.cat([torch.full((im.tokens.shape[0],), im.timestep) for _, im in vae]).to(device)
-        tokens = torch.cat([im.tokens for _, im in vae]).to(device, dtype)
-        x[torch.cat([o + im.index for o, im in vae]).to(device)] = (
-            m.vae2llm(tokens) + m.time_embedder(t) + m.latent_pos_embed(pos))
+        if vae:
+            pos = torch.cat([im.position_ids for _, im in vae]).to(device)
+            t = torch.cat([torch.full((im.tokens.shape[0],), im.timestep) for _, im in vae]).to(device)
+            tokens = torch.cat([im.tokens for _, im in vae]).to(device, dtype)
+            x[torch.cat([o + im.index for o, im in vae]).to(device)] = (
+                m.vae2llm(tokens) + m.time_embedder(t) + m.latent_pos_embed(pos))
+        else:  # understanding samples only: the latent modules run on one dummy token, as the ViT above
+            pos = torch.zeros(1, dtype=torch.long, device=device)
+            dummy = (m.vae2llm(torch.zeros(1, m.vae2llm.in_features, dtype=dtype, device=device))
+                     + m.time_embedder(torch.zeros(1, device=device)) + m.latent_pos_embed(pos))
+            keepalive = keepalive + 0.0 * dummy.float().sum()
 
         gen_mask = torch.cat([s.gen_mask() for s in samples]).to(device)
         positions = torch.tensor([q for s in samples for q in s.position_ids], device=device)
@@ -440,6 +460,17 @@ def _pixels(img: np.ndarray, side: int) -> torch.Tensor:
     return (torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
 
 
+def _instruction(example, tok: BagelTokenizer, model_cfg) -> list[list[int]]:
+    """The example's instruction cut at its placeholders (model.bagel.context.encode_instruction); an interleaved
+    instruction needs every input it names, so max_references may not cut its references."""
+    pieces = encode_instruction(tok.encode, example.instruction, len(example.refs),
+                                f"example with instruction {example.instruction!r}")
+    if is_interleaved(pieces) and len(example.refs) > model_cfg.max_references:
+        raise ValueError(f"instruction {example.instruction!r} places {len(example.refs)} input images, more than "
+                         f"model.max_references={model_cfg.max_references} keeps: raise model.max_references")
+    return pieces
+
+
 def collate(examples: list, tok: BagelTokenizer, model_cfg) -> dict:
     """Examples -> {"pixels": (n, 3, S, S), "samples": [{"refs", "target", "text"}], "qa": [{"image", "question",
     "answer"}], + the timestep and guidance-dropout settings}; see the module docstring."""
@@ -448,11 +479,19 @@ def collate(examples: list, tok: BagelTokenizer, model_cfg) -> dict:
     for e in examples:
         if e.target is None:
             raise ValueError("BAGEL training needs a target image (the last image of each row)")
+        if getattr(e, "understanding_only", False):  # its image and every question about it, nothing to generate
+            images.append(_pixels(e.target, side))
+            qas += [{"image": len(images) - 1, "question": tok.encode(q), "answer": tok.encode(a)} for q, a in e.qa]
+            continue
+        pieces = _instruction(e, tok, model_cfg)
         refs = list(range(len(images), len(images) + min(len(e.refs), model_cfg.max_references)))
         images += [_pixels(r, side) for r in e.refs[: len(refs)]]
         target = len(images)
         images.append(_pixels(e.target, side))
-        samples.append({"refs": refs, "target": target, "text": tok.encode(e.instruction)})
+        if is_interleaved(pieces):  # "text": the words alone; the layout is the pieces'
+            samples.append({"refs": refs, "target": target, "text": [i for p in pieces for i in p], "pieces": pieces})
+        else:
+            samples.append({"refs": refs, "target": target, "text": pieces[0]})
         for question, answer in e.qa[:1]:
             qas.append({"image": target, "question": tok.encode(question), "answer": tok.encode(answer)})
     return {
@@ -469,15 +508,18 @@ def collate(examples: list, tok: BagelTokenizer, model_cfg) -> dict:
 def sample_tokens(example, tok: BagelTokenizer, model_cfg) -> int:
     """Tokens `example` takes in the packed sequence `collate` + `packed_forward` build, guidance dropout aside
     (it only removes tokens, so this is the most a sample takes): per reference (up to max_references) its
-    latent tokens and its ViT tokens, each between two markers; the framed instruction; the target's latent
+    latent tokens and its ViT tokens, each between two markers; the framed instruction (each framed piece of an
+    interleaved one, model.bagel.context); the target's latent
     tokens between two markers; and with a question, the understanding sample (the target's framed ViT tokens,
     the framed question, the framed answer)."""
     cfg = tok.config
     side = image_side(cfg, model_cfg.image_size)
     vit = (side // cfg.vit.patch_size) ** 2 + 2
     latent = (side // cfg.latent_downsample) ** 2 + 2
+    if getattr(example, "understanding_only", False):  # an understanding sample per question, nothing else
+        return sum(vit + len(tok.encode(q)) + 2 + len(tok.encode(a)) + 2 for q, a in example.qa)
     refs = min(len(example.refs), model_cfg.max_references)
-    n = refs * (latent + vit) + len(tok.encode(example.instruction)) + 2 + latent
+    n = refs * (latent + vit) + context_text_tokens(_instruction(example, tok, model_cfg)) + latent
     for question, answer in example.qa[:1]:
         n += vit + len(tok.encode(question)) + 2 + len(tok.encode(answer)) + 2
     return n

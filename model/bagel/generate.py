@@ -7,7 +7,8 @@ Generation is an Euler ODE: the velocity (eps - x0) integrated from t = 1 (noise
 
 where, as family.packed_forward drops conditions in training, (I, -) keeps the references and replaces the
 instruction by an empty framed text `<|im_start|><|im_end|>`, and (-, -) also removes the references (their VAE and
-ViT tokens). Only the passes `guidance_passes` asks for run. With a bridge (model.bagel.bridge), only (I, T) gets
+ViT tokens). The contexts are laid out by model.bagel.context, the function training uses: references before the
+instruction, or, for an instruction with `<imagehere>` placeholders, each reference at its placeholder. Only the passes `guidance_passes` asks for run. With a bridge (model.bagel.bridge), only (I, T) gets
 it: the semantic mask is built from the instruction, which the other passes do not have.
 
 Each case's contexts (one per pass) are encoded once; every step then runs only the target tokens of every case
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.bagel.context import add_generation_context, encode_instruction
 from model.bagel.family import BagelTokenizer, _pixels, image_side
 from model.bagel.model import BagelModel, Context
 from model.bagel.packing import PackedSample
@@ -44,7 +46,7 @@ class _Case:
     cols: int
     ref_pixels: list[torch.Tensor]  # (3, side, side) in [-1, 1]
     ref_tokens: list[torch.Tensor]  # clean latent tokens (rows * cols, p * p * z)
-    text: list[int]
+    text: list[list[int]]  # the instruction's pieces (model.bagel.context.encode_instruction)
 
     @property
     def n_tokens(self) -> int:
@@ -78,18 +80,22 @@ def _prepare(model: BagelModel, tokenizer: BagelTokenizer, example: Example, ind
     if pixels:
         latents = model.ae_encode(torch.stack(pixels).to(dtype))
         tokens = [model.latent_to_tokens(z) for z in latents]
-    return _Case(index, rows, cols, pixels, tokens, tokenizer.encode(example.instruction))
+    text = encode_instruction(tokenizer.encode, example.instruction, len(refs), f"example {index}")
+    return _Case(index, rows, cols, pixels, tokens, text)
 
 
 def _context(model: BagelModel, case: _Case, which: str) -> PackedSample:
-    """model.generation_context's layout (per reference: clean VAE tokens, then ViT tokens; then the framed
-    instruction), from latents encoded once per case rather than once per pass."""
+    """The pass's context as training lays it out (model.bagel.context: per reference clean VAE tokens then ViT
+    tokens, before the framed instruction or at its placeholders), from latents encoded once per case rather than
+    once per pass."""
     sample = PackedSample()
-    if which != "none":
-        for pixels, tokens in zip(case.ref_pixels, case.ref_tokens):
-            model.add_latent(sample, tokens, case.rows, case.cols, timestep=0.0)
-            model.add_reference(sample, pixels, vae=False)
-    sample.add_text(model.frame_text(case.text if which == "full" else []))
+    n = 0 if which == "none" else len(case.ref_pixels)
+
+    def add_reference(k: int) -> None:
+        model.add_latent(sample, case.ref_tokens[k], case.rows, case.cols, timestep=0.0)
+        model.add_reference(sample, case.ref_pixels[k], vae=False)
+
+    add_generation_context(sample, model.frame_text, n, add_reference, case.text, drop_text=which != "full")
     return sample
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from model.bagel.autoencoder import FluxAutoencoder
 from model.bagel.bridge import BridgeHook
 from model.bagel.config import BagelConfig
+from model.bagel.context import add_generation_context
 from model.bagel.packing import PackedSample, SpecialTokens
 from model.bagel.qwen2_mot import LayerKV, Qwen2MoTForCausalLM
 from model.bagel.siglip import MLPConnector, PositionEmbedding, SiglipVisionModel, patchify, unpatchify
@@ -139,11 +140,13 @@ class BagelModel(nn.Module):
     def add_latent(self, sample: PackedSample, tokens: torch.Tensor, rows: int, cols: int, timestep: float):
         return sample.add_vae_image(tokens, rows, cols, timestep, self.config.max_latent_size, self.special)
 
-    def generation_context(self, references: list[torch.Tensor], instruction_ids) -> PackedSample:
+    def generation_context(self, references: list[torch.Tensor], instruction_ids, pieces=None) -> PackedSample:
+        """model.bagel.context's layout: the references then the framed instruction (`instruction_ids`), or with
+        `pieces` (an interleaved instruction's pieces, model.bagel.context.encode_instruction) each reference at
+        its placeholder."""
         sample = PackedSample()
-        for image in references:
-            self.add_reference(sample, image)
-        sample.add_text(self.frame_text(instruction_ids))
+        add_generation_context(sample, self.frame_text, len(references),
+                               lambda k: self.add_reference(sample, references[k]), pieces or [instruction_ids])
         return sample
 
     def understanding_context(self, images: list[torch.Tensor], question_ids) -> PackedSample:

@@ -179,11 +179,11 @@ def table_markdown(result: dict, prompt_set: str) -> str:
 
 def heldout_prompts(data_cfg, per_category: int = HELDOUT_PER_CATEGORY) -> list[dict]:
     """Prompts of the SRUM prompt world drawn from another stream: never trained on, same distribution."""
-    from data.build import _world
     from data.formats.srum_prompts import CATEGORIES, make_prompts
     from data.scene import Scene
+    from data.world import dataset_world
 
-    rows = make_prompts(_world(data_cfg, HELDOUT_STREAM, "train"), per_category * len(CATEGORIES))
+    rows = make_prompts(dataset_world(data_cfg, HELDOUT_STREAM), per_category * len(CATEGORIES))
     return [{**r, "key": r["key"].replace("srum_", "heldout_"), "target": Scene.from_dict(r["target"])} for r in rows]
 
 
@@ -203,7 +203,7 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
     from evaluation.t2i import row_target
     from model.pipeline import is_release_dir, load_pipeline, pipeline_settings
     from model.srum_train import SrumCandidate, train_srum_round
-    from tasks.paths import Paths  # the chain's path map; this bench runs only from `scone bench`
+    from tasks.paths import Paths
 
     variants = tuple(variants or default_variants(params.srum.judge))
     unknown = [v for v in variants if v not in VARIANTS]
@@ -212,12 +212,13 @@ def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Seque
     t0 = time.perf_counter()
     srum_cfg, sampling = params.srum, params.eval.sampling
     work = Path(out).with_suffix("")  # artifacts/bench/srum-ablation/
-    init = Paths.from_params(params).checkpoint(srum_cfg.init_from)
+    paths = Paths.from_params(params)
+    init = paths.checkpoint(srum_cfg.init_from)
     if not is_release_dir(init):
         raise FileNotFoundError(
             f"{init} holds no checkpoint: the ablation starts from srum.init_from ({srum_cfg.init_from}); run "
             f"`scone pipeline` (or `scone train --stage {srum_cfg.init_from}`) first")
-    prompts = read_prompts(Path(params.data.root) / "srum_prompts" / "prompts.jsonl")
+    prompts = read_prompts(paths.srum_prompts)
     prompt_sets = {"train_prompts": prompts, "heldout_prompts": heldout_prompts(params.data, heldout_per_category)}
     eval_seeds = [params.eval.seed + i for i in range(eval_samples)]
     bridge = srum_cfg.bridge

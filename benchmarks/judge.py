@@ -1,6 +1,6 @@
 """`scone bench judge`: does the openai judge scale? A SconeEval scoring run against a local stub.
 
-The endpoint is tests/openai_stub_server.py in its own process on 127.0.0.1, answering every
+The endpoint is benchmarks/openai_stub.py in its own process on 127.0.0.1, answering every
 request after `latency_s` (300 ms: a VLM's answer time) with a deterministic score derived from the
 request. The run goes through evaluation.runner.evaluate_checkpoint unchanged (its thread pool,
 the judge's event loop and semaphore, the results layout), one round, one scoring:
@@ -37,9 +37,10 @@ from typing import Iterator
 import httpx
 import numpy as np
 
+from data.formats.jsonl import read_jsonl
 from evaluation.sconeeval import is_distinction
 
-STUB = Path(__file__).resolve().parents[1] / "tests" / "openai_stub_server.py"
+STUB = Path(__file__).with_name("openai_stub.py")  # run as a script: the child process needs nothing of the project
 SCORE_FIELDS = ("PF_score", "SC_score", "DIS_pred")
 
 
@@ -73,8 +74,6 @@ def synthesize(cases: list, n: int, noise: int = 6) -> tuple[list, list[np.ndarr
 @contextmanager
 def stub_endpoint(latency_s: float) -> Iterator[str]:
     """The stub server in a child process; yields its base URL (http://127.0.0.1:PORT)."""
-    if not STUB.is_file():
-        raise FileNotFoundError(f"{STUB} is missing: the judge bench needs the repository's test stub server")
     proc = subprocess.Popen([sys.executable, str(STUB), "--latency", str(latency_s)], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().strip()
@@ -115,8 +114,7 @@ def _leg(root: str, cases, images, eval_cfg, openai_cfg, work: Path, name: str) 
     stats = _stub(root, "stats")
     lines = {}
     for path in sorted((work / name / "score_try1").glob("*/score.jsonl")):
-        for text in path.read_text().splitlines():
-            line = json.loads(text)
+        for line in read_jsonl(path):
             lines[line["key"]] = {k: line.get(k) for k in SCORE_FIELDS}
     return {
         "cases": len(cases),
@@ -142,8 +140,9 @@ def run(
 ) -> dict:
     """Measure and write the JSON to `out`; returns it."""
     from data.formats.sconeeval import read_bench
+    from tasks.paths import Paths
 
-    bench_dir = Path(params.data.root) / "sconeeval_bench"
+    bench_dir = Paths.from_params(params).sconeeval_bench
     base = read_bench(bench_dir)
     cases, images = synthesize(base, n_cases)
     total_requests = sum(requests_per_case(c) for c in cases)

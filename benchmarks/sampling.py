@@ -8,11 +8,11 @@ references lengthen the context (each adds its latent and ViT tokens), so the ca
 through the target queries' attention span, while the uncached cost grows with the full sequence. The aim: 4
 references cost at most 1.5x one reference with the cache.
 
-Method: the stage2_step2 checkpoint when it exists, else the release directory the chain's first stage starts
-from (model.release, or the chain's own bootstrapped release: fresh weights; latency does not depend on the
-weights), loaded through model.pipeline.load_pipeline with params' model settings. Cases are rendered
-subject-world scenes (data.render), 1-4 references per case and one fixed instruction; one batch of `cases` cases
-is sampled with the params' steps and guidance scales. Each (mode, reference count) is warmed up once and timed
+Method: the stage2_step2 checkpoint (tasks.paths.STAGE2_FINAL) when it exists, else the release directory the
+chain's first stage starts from (model.release, or the chain's own bootstrapped release: fresh weights; latency
+does not depend on the weights), loaded through model.pipeline.load_pipeline with params' model settings. Cases are
+rendered subject-world scenes (data.render), 1-4 references per case and one fixed instruction; one batch of `cases`
+cases is sampled with the params' steps and guidance scales. Each (mode, reference count) is warmed up once and timed
 several times (interleaved, so that machine drift spreads over all settings); the figure is the median per-case
 latency, beside the best run and the median process CPU time.
 The time spent encoding contexts (BagelModel.encode_context) and in the step forwards (BagelModel.hidden_states
@@ -36,6 +36,7 @@ from data.scene import OBJECT_CATEGORIES, Placement, Scene, Subject
 from model.batching import Example
 from model.bagel.generate import generate
 from model.scheduler import guidance_passes
+from tasks.paths import STAGE2_FINAL, Paths
 
 REFERENCE_COUNTS = (1, 2, 3, 4)
 # the denoising steps' forwards, cached (continuations of the contexts) and uncached (whole sequences) alike
@@ -67,18 +68,17 @@ def bench_examples(n_refs: int, cases: int, size: int) -> list[Example]:
 
 
 def load_bench_pipeline(params, device: str = "cpu") -> tuple[object, str]:
-    """(pipeline, where it came from): the stage2_step2 checkpoint if there, else the release stages start from."""
+    """(pipeline, where it came from): the final Stage II checkpoint if there, else the release stages start from."""
     from model.pipeline import is_release_dir, load_pipeline, pipeline_settings
-    from tasks.paths import Paths  # the chain's path map; this bench runs only from `scone bench`
 
     paths = Paths.from_params(params)
     settings = pipeline_settings(params.model)
-    ckpt = paths.checkpoint("stage2_step2")
+    ckpt = paths.checkpoint(STAGE2_FINAL)
     if is_release_dir(ckpt):
         return load_pipeline(ckpt, settings, device=device), str(ckpt)
     release = paths.release(params)
     if is_release_dir(release):
-        return load_pipeline(release, settings, device=device), f"release {release} (no stage2_step2 checkpoint)"
+        return load_pipeline(release, settings, device=device), f"release {release} (no {STAGE2_FINAL} checkpoint)"
     raise FileNotFoundError(f"neither {ckpt} nor the release {release} is there: run `scone bootstrap "
                             "tokenizer|autoencoder|release` (or point model.release at a downloaded release)")
 
@@ -154,7 +154,8 @@ def run(params, out: Path, *, cases: int = 4, repeats: int = 3, cached_repeats: 
         pipe, source = load_bench_pipeline(params, device=str(device))
         model, tokenizer, side = pipe.model, pipe.tokenizer, pipe.image_size
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        bridge = bool(params.train.stages["stage2_step2"].bridge) if "stage2_step2" in params.train.stages else False
+        stage = params.train.stages.get(STAGE2_FINAL)
+        bridge = bool(stage.bridge) if stage is not None else False
         examples = {n: bench_examples(n, cases, side) for n in reference_counts}
         # the pipeline's own generate has no cache switch: the sampler it calls, with the pipeline's settings
         kwargs = dict(steps=sampling.steps, cfg_text=sampling.cfg_text, cfg_image=sampling.cfg_image, seed=0,

@@ -8,7 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from data.build import BASE, build_dataset
+from data.build import build_dataset
+from data.catalog import BASE
 from data.config import DataConfig
 from data.parallel import worker_count
 

@@ -23,9 +23,10 @@ import torch
 
 from model import engine as ds_engine
 from model.train import StageLoss, apply_freezing, to_device
+from tasks.paths import STAGE2_FINAL
 
 DATASETS = ("scone_multi_candidate", "scone_single_candidate_refined")
-STAGE = "stage2_step2"  # both experts trained: the most expensive recipe
+STAGE = STAGE2_FINAL  # both experts trained: the most expensive recipe
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 1024, repeats: int = 20) -> float:

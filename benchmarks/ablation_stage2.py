@@ -4,7 +4,7 @@ Versions, all scored with the oracle judge on the held-out SconeEval split, Stag
 training seeds (mean +- std):
   Base          the release directory the chain's first stage starts from (model.release, else the chain's own
                 bootstrapped release of model.preset: fresh weights)
-  Stage I       the pipeline's stage1_step2 checkpoint
+  Stage I       the pipeline's stage1_step2 checkpoint (tasks.paths.STAGE1_FINAL)
   Stage II (a)  direct: both experts, 2N steps, no bridge
   Stage II (b)  two-step without bridge: N steps und. expert only, then N steps both experts
   Stage II (c)  two-step with bridge: as (b) with the semantic mask (straight-through formation in step 1)
@@ -18,6 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
+from tasks.paths import STAGE1_FINAL, STAGE2_FINAL, Paths
+
 DEFAULT_STEPS = 50  # N: steps per Stage II step (the paper: 1k)
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_TAUS = (0.02, 0.88)
@@ -25,7 +27,7 @@ DEFAULT_TAUS = (0.02, 0.88)
 
 def _versions(params, steps: int) -> dict[str, list]:
     """Each version as a list of (stage name, StageConfig) run in order from the Stage I checkpoint."""
-    base = params.train.stages["stage2_step2"]
+    base = params.train.stages[STAGE2_FINAL]
     both = base.model_copy(update={"steps": steps, "bridge": False, "bridge_straight_through": False,
                                    "train_understanding": True, "train_generation": True})
     und_only = both.model_copy(update={"train_generation": False})
@@ -44,7 +46,7 @@ def _score(ckpt: Path, params, out: Path, name: str, bridge: bool, model_cfg=Non
     from model.pipeline import pipeline_settings
 
     eval_cfg = params.eval.model_copy(update={"rounds": 1, "scorings": 1, "judge": "oracle"})
-    bench = Path(params.data.root) / "sconeeval_bench"
+    bench = Paths.from_params(params).sconeeval_bench
     # a release stores no bridge settings: the ones the version was trained with, as the chain's eval step passes
     settings = pipeline_settings(model_cfg or params.model)
     return evaluate_checkpoint_dir(ckpt, bench, out, eval_cfg, model_name=name, bridge=bridge,
@@ -85,15 +87,14 @@ def table5_markdown(result: dict) -> str:
 def run(params, out: Path, steps: int = DEFAULT_STEPS, seeds=DEFAULT_SEEDS, taus=DEFAULT_TAUS) -> dict:
     from data.formats.sconeeval import read_bench
     from model.pipeline import is_release_dir
-    from tasks.paths import Paths  # the chain's path map; this bench runs only from `scone bench`
 
     t0 = time.perf_counter()
     work = Path(out).with_suffix("")  # artifacts/bench/ablation-stage2/
     paths = Paths.from_params(params)
-    stage1 = paths.checkpoint("stage1_step2")
+    stage1 = paths.checkpoint(STAGE1_FINAL)
     if not is_release_dir(stage1):
         raise FileNotFoundError(f"{stage1} holds no checkpoint: run `scone pipeline` (or `dvc repro "
-                                "train@stage1_step2`) first")
+                                f"train@{STAGE1_FINAL}`) first")
     base = paths.release(params)
     if not is_release_dir(base):
         raise FileNotFoundError(f"{base} holds no release directory: run `scone bootstrap tokenizer|autoencoder|"
@@ -104,7 +105,7 @@ def run(params, out: Path, steps: int = DEFAULT_STEPS, seeds=DEFAULT_SEEDS, taus
     versions = {
         "base": {"stage": "Base", "label": base_label,
                  **_mean_std([_score(base, params, work / "scores", "base", False)])},
-        "stage1": {"stage": "Stage I", "label": "stage1_step2",
+        "stage1": {"stage": "Stage I", "label": STAGE1_FINAL,
                    **_mean_std([_score(stage1, params, work / "scores", "stage1", False)])},
     }
     labels = {"stage2_a_direct": "(a) direct", "stage2_b_two_step": "(b) two-step, no bridge",
@@ -130,7 +131,7 @@ def run(params, out: Path, steps: int = DEFAULT_STEPS, seeds=DEFAULT_SEEDS, taus
         "benchmark": "ablation-stage2",
         "steps_per_stage2_step": steps,
         "seeds": list(seeds),
-        "bench_cases": len(read_bench(Path(params.data.root) / "sconeeval_bench")),
+        "bench_cases": len(read_bench(paths.sconeeval_bench)),
         "versions": versions,
         "tau_sweep": sweep,
         "c_minus_b_dis": round(gap, 4),

@@ -1,9 +1,11 @@
-"""A local OpenAI-compatible chat endpoint for tests and benches (127.0.0.1 only, a free port).
+"""A local OpenAI-compatible chat endpoint for the judge benchmark and the judge tests (127.0.0.1 only, a free port).
 
 `POST /v1/chat/completions` answers like a VLM judge would, deterministically: the answer is derived
 from a sha256 of the request's text and image parts, so the same question always gets the same
-score. A request whose text mentions the field `"present"` gets `{"reason", "present": 0|1}`, any
-other `{"reason", "score": 0..10}` (the two answer shapes of evaluation.judges.prompts); the SRUM reward
+score. Under the released judge protocol (evaluation.judges.released) a presence request ("a single
+character: 0 or 1") gets a bare `0` or `1` and a request naming `"reasoning"` gets `{"score": 0..10,
+"reasoning"}`; under the strict one a request whose text mentions the field `"present"` gets `{"reason",
+"present": 0|1}`, any other `{"reason", "score": 0..10}` (evaluation.judges.prompts); the SRUM reward
 judge's requests get their shapes (evaluation.srum): a `"regions"` request one entry per `Region k:` line,
 a request asking for "a number from -1 to 1" `{"reason", "score": -1..1}`.
 
@@ -20,7 +22,7 @@ Behaviour is scripted per test (`configure`) and applied to requests in arrival 
 
 Counters (`stats()`): requests, answered (200s), max_in_flight, and the token sums of every usage
 field returned. In-process use: `with StubServer(latency_s=0.01) as s: ... s.base_url ...`.
-From another process: `python tests/openai_stub_server.py --latency 0.3` prints `PORT <n>` and
+From another process: `python -m benchmarks.openai_stub --latency 0.3` prints `PORT <n>` and
 serves until killed; GET /stub/stats and POST /stub/configure, /stub/reset do the same over HTTP.
 """
 from __future__ import annotations
@@ -93,6 +95,10 @@ def answer_for(body: dict) -> str:
                                         "score": round(digest[k % 32] / 127.5 - 1.0, 3)} for k in range(n)]})
     if "from -1 to 1" in text:  # the SRUM global layout request
         return json.dumps({"reason": "stub layout", "score": round(digest[0] / 127.5 - 1.0, 3)})
+    if "single character: 0 or 1" in text:  # the released protocol's presence request: a bare digit
+        return str(digest[0] % 2)
+    if '"reasoning"' in text:  # the released protocol's PF / SC request (evaluation.judges.released)
+        return json.dumps({"score": digest[0] % 11, "reasoning": f"stub score {digest[0] % 11}"})
     if '"present"' in text:
         return json.dumps({"reason": f"stub verdict {digest[0] % 2}", "present": digest[0] % 2})
     return json.dumps({"reason": f"stub score {digest[0] % 11}", "score": digest[0] % 11})

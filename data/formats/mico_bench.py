@@ -1,0 +1,107 @@
+"""The held-out MICo benchmark in MICo-Bench's layout (MICo-150K Sec. 4.3: each case holds its source images, the
+text prompt, a verified reference image that contains every source, and the indices of the sources that show a
+face, whose weight is graded by identity similarity instead of a yes/no answer).
+
+    <dir>/data.jsonl             one case per line:
+                                 key, category (task group: Object | Person | HOI | De&Re), sub_task,
+                                 composition_type (e.g. 1P2O, De&Re), instruction (the prompt), input_images (the
+                                 source images in the prompt's order, paths relative to <dir>), face_indices (0-based
+                                 sources showing a character: graded identity weight), reference_image,
+                                 subject_list, subject_label (each source's referring phrase; a scene source has none)
+    <dir>/sources/<key>_<i>.png  source image i (1-based, as the prompt counts them)
+    <dir>/references/<key>.png   the reference image: what the composition must look like
+    <dir>/ground_truth.jsonl     our extension for the oracle judge: key, references, target (scene graphs), qa, meta
+
+`read_mico_bench` also reads a folder without ground_truth.jsonl (scene graphs are then None: a VLM judge only).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from data.formats.jsonl import read_jsonl
+from data.records import Case
+from data.render import render
+from data.scene import Scene
+
+DATA_FIELDS = ("key", "category", "sub_task", "composition_type", "instruction", "input_images", "face_indices",
+               "reference_image", "subject_list", "subject_label")
+
+
+def _clear(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.png"):
+        stale.unlink()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def face_indices(case: Case) -> list[int]:
+    """Sources showing a character (a face in MICo's terms): their weight is an identity similarity."""
+    return [i for i, ref in enumerate(case.references)
+            if ref is not None and any(p.subject.domain == "character" for p in ref.placements)]
+
+
+def write_mico_bench(cases: Iterable[Case], dir: str | Path) -> Path:
+    """Write the benchmark (cases of data.heldout.mico_bench_cases); returns the path of data.jsonl."""
+    out = Path(dir)
+    _clear(out / "sources")
+    _clear(out / "references")
+    data_lines, truth_lines = [], []
+    for case in cases:
+        inputs = []
+        for i, ref in enumerate(case.references, start=1):
+            rel = f"sources/{case.key}_{i}.png"
+            render(ref).save(out / rel)
+            inputs.append(rel)
+        reference = f"references/{case.key}.png"
+        render(case.target).save(out / reference)
+        data_lines.append({
+            "key": case.key, "category": case.meta.get("mico_group", ""), "sub_task": case.task_type,
+            "composition_type": case.case_type, "instruction": case.instruction, "input_images": inputs,
+            "face_indices": face_indices(case), "reference_image": reference,
+            "subject_list": case.subject_list, "subject_label": case.subject_label,
+        })
+        truth_lines.append({"key": case.key, **case.scene_graph(), "qa": [list(p) for p in case.qa], "meta": case.meta})
+    if not data_lines:
+        raise ValueError(f"MICo benchmark {out}: no cases to write")
+    keys = [d["key"] for d in data_lines]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"MICo benchmark {out}: duplicate keys")
+    _write_jsonl(out / "data.jsonl", data_lines)
+    _write_jsonl(out / "ground_truth.jsonl", truth_lines)
+    return out / "data.jsonl"
+
+
+def read_mico_bench(dir: str | Path) -> list[Case]:
+    """Cases of a MICo-Bench-layout folder; meta carries category, face_indices, input_images and reference_image
+    (absolute paths)."""
+    root = Path(dir)
+    data_path = root / "data.jsonl"
+    if not data_path.exists():
+        raise FileNotFoundError(f"{data_path} not found: expected a MICo-Bench-layout folder (scone data build mico_bench)")
+    truth_path = root / "ground_truth.jsonl"
+    truth = {t["key"]: t for t in read_jsonl(truth_path)} if truth_path.exists() else {}
+    cases = []
+    for n, row in enumerate(read_jsonl(data_path), start=1):
+        missing = [f for f in DATA_FIELDS if f not in row]
+        if missing:
+            raise ValueError(f"{data_path}:{n}: missing fields {missing}")
+        gt = truth.get(row["key"])
+        inputs = [str(root / p) for p in row["input_images"]]
+        if gt:
+            references = [Scene.from_dict(s) for s in gt["references"]]
+            target = Scene.from_dict(gt["target"])
+            qa, meta = gt.get("qa", []), dict(gt.get("meta", {}))
+        else:
+            references, target, qa, meta = [None] * len(inputs), None, [], {}
+        meta.update(input_images=inputs, reference_image=str(root / row["reference_image"]), category=row["category"],
+                    face_indices=list(row["face_indices"]))
+        cases.append(Case(key=str(row["key"]), task_type=row["sub_task"], case_type=row["composition_type"],
+                          instruction=row["instruction"], references=references, target=target,
+                          subject_list=row["subject_list"], subject_label=row["subject_label"],
+                          qa=[tuple(p) for p in qa], meta=meta))
+    return cases
