@@ -17,15 +17,19 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks.paths import STAGE1_FINAL, STAGE2_FINAL, Paths
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 DEFAULT_STEPS = 50  # N: steps per Stage II step (the paper: 1k)
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_TAUS = (0.02, 0.88)
 
 
-def _versions(params, steps: int) -> dict[str, list]:
+def _versions(params: Params, steps: int) -> dict[str, list]:
     """Each version as a list of (stage name, StageConfig) run in order from the Stage I checkpoint."""
     base = params.train.stages[STAGE2_FINAL]
     both = base.model_copy(update={"steps": steps, "bridge": False, "bridge_straight_through": False,
@@ -41,7 +45,7 @@ def _versions(params, steps: int) -> dict[str, list]:
     }
 
 
-def _score(ckpt: Path, params, out: Path, name: str, bridge: bool, model_cfg=None) -> dict:
+def _score(ckpt: Path, params: Params, out: Path, name: str, bridge: bool, model_cfg=None) -> dict:
     from evaluation.runner import evaluate_checkpoint_dir
     from model.pipeline import pipeline_settings
 
@@ -53,7 +57,7 @@ def _score(ckpt: Path, params, out: Path, name: str, bridge: bool, model_cfg=Non
                                    pipeline_settings=settings)["average"]
 
 
-def _train_chain(chain, start: Path, params, model_cfg, out: Path, seed: int) -> Path:
+def _train_chain(chain, start: Path, params: Params, model_cfg, out: Path, seed: int) -> Path:
     from model.bagel.release import FAMILY_SPEC
     from model.launch import run_stage
 
@@ -84,7 +88,7 @@ def table5_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(params, out: Path, steps: int = DEFAULT_STEPS, seeds=DEFAULT_SEEDS, taus=DEFAULT_TAUS) -> dict:
+def run(params: Params, out: Path, steps: int = DEFAULT_STEPS, seeds=DEFAULT_SEEDS, taus=DEFAULT_TAUS) -> dict:
     from data.formats.sconeeval import read_bench
     from model.pipeline import is_release_dir
 

@@ -7,11 +7,15 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data.build import build_dataset
 from data.catalog import BASE
 from data.config import DataConfig
 from data.parallel import worker_count
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 
 def _digest(root: Path) -> str:
@@ -28,7 +32,7 @@ def _timed_build(cfg: DataConfig, name: str) -> tuple[float, dict]:
     return time.perf_counter() - started, summary
 
 
-def run(params, out: Path, dataset: str = BASE) -> dict:
+def run(params: Params, out: Path, dataset: str = BASE) -> dict:
     """Build `dataset` (params.data sizes) with 1 worker and with every core, in a scratch root; JSON to `out`."""
     data: DataConfig = params.data
     cores = worker_count(0)

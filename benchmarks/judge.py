@@ -32,13 +32,16 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import httpx
 import numpy as np
 
 from data.formats.jsonl import read_jsonl
 from evaluation.sconeeval import is_distinction
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 STUB = Path(__file__).with_name("openai_stub.py")  # run as a script: the child process needs nothing of the project
 SCORE_FIELDS = ("PF_score", "SC_score", "DIS_pred")
@@ -129,7 +132,7 @@ def _leg(root: str, cases, images, eval_cfg, openai_cfg, work: Path, name: str) 
 
 
 def run(
-    params,
+    params: Params,
     out: Path,
     *,
     n_cases: int = 400,

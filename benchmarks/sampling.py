@@ -27,6 +27,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from model.batching import Example
 from model.bagel.generate import generate
 from model.scheduler import guidance_passes
 from tasks.paths import STAGE2_FINAL, Paths
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 REFERENCE_COUNTS = (1, 2, 3, 4)
 # the denoising steps' forwards, cached (continuations of the contexts) and uncached (whole sequences) alike
@@ -67,7 +71,7 @@ def bench_examples(n_refs: int, cases: int, size: int) -> list[Example]:
     return [Example(refs=reference_images(n_refs, i, size), instruction=INSTRUCTION) for i in range(cases)]
 
 
-def load_bench_pipeline(params, device: str = "cpu") -> tuple[object, str]:
+def load_bench_pipeline(params: Params, device: str = "cpu") -> tuple[object, str]:
     """(pipeline, where it came from): the final Stage II checkpoint if there, else the release stages start from."""
     from model.pipeline import is_release_dir, load_pipeline, pipeline_settings
 
@@ -137,7 +141,7 @@ def context_tokens(model, tokenizer, n_refs: int, side: int) -> int:
     return len(model.generation_context(refs, tokenizer.encode(INSTRUCTION)))
 
 
-def run(params, out: Path, *, cases: int = 4, repeats: int = 3, cached_repeats: int = 7, threads: int = 1,
+def run(params: Params, out: Path, *, cases: int = 4, repeats: int = 3, cached_repeats: int = 7, threads: int = 1,
         reference_counts: tuple[int, ...] = REFERENCE_COUNTS) -> dict:
     """Measure, write the JSON report to `out` and return it. `repeats` timed runs per reference count
     uncached, `cached_repeats` cached (cheap, and the figure the aim is about).

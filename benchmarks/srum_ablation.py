@@ -30,9 +30,12 @@ import numbers
 import statistics
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_EVAL_SAMPLES = 4
@@ -192,7 +195,7 @@ def default_variants(configured_judge: str) -> tuple[str, ...]:
     return tuple(v for v in VARIANTS if JUDGE_CONTROLS.get(v) != configured_judge)
 
 
-def run(params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Sequence[str] | None = None,
+def run(params: Params, out: Path, seeds: Sequence[int] = DEFAULT_SEEDS, variants: Sequence[str] | None = None,
         eval_samples: int = DEFAULT_EVAL_SAMPLES, heldout_per_category: int = HELDOUT_PER_CATEGORY) -> dict:
     from tqdm.auto import tqdm
 

@@ -18,12 +18,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from model import engine as ds_engine
 from model.train import StageLoss, apply_freezing, to_device
 from tasks.paths import STAGE2_FINAL
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 DATASETS = ("scone_multi_candidate", "scone_single_candidate_refined")
 STAGE = STAGE2_FINAL  # both experts trained: the most expensive recipe
@@ -58,7 +62,7 @@ def step_flops(loss_module: torch.nn.Module, batch: dict) -> int:
     return counter.get_total_flops()
 
 
-def fresh_release(params, directory: Path) -> Path:
+def fresh_release(params: Params, directory: Path) -> Path:
     """A release of params' preset with fresh weights, its tokenizer trained on the benchmark datasets' texts."""
     from model.bagel.autoencoder import FluxAutoencoder
     from model.bagel.autoencoder_train import save_autoencoder
@@ -77,7 +81,7 @@ def fresh_release(params, directory: Path) -> Path:
                             preset_name=params.model.preset, seed=seed)
 
 
-def _batches(params, tokenizer, n: int) -> list[dict]:
+def _batches(params: Params, tokenizer, n: int) -> list[dict]:
     from data.formats.scone_s2i import iter_rows
     from model.bagel import family
 
@@ -106,7 +110,7 @@ def _time_steps(eng, batches: list[dict], warmup: int) -> list[float]:
     return times
 
 
-def run(params, out: Path, steps: int = 20, warmup: int = 3, release: str | Path | None = None) -> dict:
+def run(params: Params, out: Path, steps: int = 20, warmup: int = 3, release: str | Path | None = None) -> dict:
     from model.bagel import family
 
     rank, world = ds_engine.init_distributed()

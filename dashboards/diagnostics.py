@@ -1,6 +1,6 @@
 """The report's Diagnostics section: per checkpoint the figures evaluation.diagnostics computed in the evaluate
-step (its MLflow run's `diagnostics.*` metrics) and, from `<scores>/<name>/diagnostics/`, its contact sheet and the
-overlay it showcases (named in that folder's diagnostics.json), copied beside the page.
+step (its MLflow run's `diagnostics.*` metrics) and, from `<scores>/<name>/diagnostics/` (data.layout's
+`diagnostics_dir`), its contact sheet and the overlay it showcases (named in that folder's diagnostics.json), copied beside the page.
 
 The metric prefix and file names are spelled out here rather than imported: the report depends on what the
 evaluate step wrote, not on the code that computes it (tests/test_eval_diagnostics.py checks they agree).
@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 from typing import Sequence
+
+from data.layout import ArtifactLayout
 
 PREFIX = "diagnostics."  # evaluation.diagnostics.DIAG_PREFIX
 DETAILS = "diagnostics.json"  # evaluation.diagnostics.FILES["details"]
@@ -46,7 +48,7 @@ def _pictures(folder: Path, out_dir: Path, slug: str) -> dict:
     return found
 
 
-def diagnostics_section(ckpts: Sequence, artifacts: Path, out_dir: Path) -> dict:
+def diagnostics_section(ckpts: Sequence, layout: ArtifactLayout, out_dir: Path) -> dict:
     """What the template's Diagnostics section shows: one row per checkpoint (cells None: not run)."""
     rows = []
     for c in ckpts:
@@ -54,5 +56,5 @@ def diagnostics_section(ckpts: Sequence, artifacts: Path, out_dir: Path) -> dict
         ran = any(k.startswith(PREFIX) for k in c.metrics)
         cells = [("n/a" if v is None else f"{v:.2f}") for v in values] if ran else None
         rows.append({"label": c.label, "cells": cells,
-                     **_pictures(Path(artifacts) / "scores" / c.name / "diagnostics", Path(out_dir), c.slug)})
+                     **_pictures(layout.diagnostics_dir(c.name), Path(out_dir), c.slug)})
     return {"labels": [label for label, _ in COLUMNS], "rows": rows}

@@ -1,13 +1,15 @@
 """The chain's HTML report: SconeEval leaderboard per checkpoint (paper Table 3 layout, with the paper's rows as
 context), training curves, gate decisions, SRUM and T2I metrics, and sample generations.
 
-It reads only the MLflow registry/runs and files under `artifacts/`; whatever is missing shows as "not run".
+It reads only the MLflow registry/runs (through mlflow's client; the tag and metric names and the store's location
+from the `registry` package, none of its modules) and files under `artifacts/`, each where data.layout's one
+artifact map puts it (the map the steps write by); whatever is missing shows as "not run".
 The page is one self-contained HTML file with inline CSS; its PNGs sit next to it (relative links), so the
 `reports/` folder can be copied or published as is. The HTML lives in jinja2 templates (dashboards/templates/,
 autoescaped); this module gathers what they show. The Data validation section links to the Great Expectations
 Data Docs of the validate stage (artifacts/validation/gx/) by a relative link from the published folder.
 
-    python -m dashboards.report --artifacts artifacts --model scone-tiny
+    python -m dashboards.report --artifacts artifacts --data artifacts/data --model scone-tiny
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from data.formats.jsonl import ignore_bad_line, read_jsonl
+from data.layout import CARD, CONTACT_SHEET, ArtifactLayout
 from evaluation.paper_results import SCONE_TABLE3
 # the metric and tag vocabulary shared with the tasks that log them (constants only: the report talks to MLflow itself)
-from registry import (LOSS_METRICS, MICO_COLUMNS, MIGE_COLUMNS, SCONEEVAL_OVERALL, SRUM_PREFIX, T2I_PREFIX,
-                      TABLE3_COLUMNS)
+from registry import (CHAMPION_ALIAS, LOSS_METRICS, METRIC_TAG_PREFIX, MICO_COLUMNS, MIGE_COLUMNS, SCONEEVAL_OVERALL,
+                      SRUM_PREFIX, T2I_PREFIX, TABLE3_COLUMNS, TAG_CHAMPION_BEFORE, TAG_DECISION, TAG_KIND,
+                      TAG_REASONS, TAG_STAGE, resolve_tracking_uri, sqlite_path)
 
 # Rows of the Scone paper's Table 3 (evaluation.paper_results; TABLE3_COLUMNS order) shown beside ours.
 # Context only: our tiny model is judged by the oracle on 32 px renders, so the numbers are not comparable, the
@@ -82,8 +86,6 @@ def render(template: str, **context) -> str:
 
 def _portable_uri(uri: str) -> str:
     """A SQLite store inside the working directory is named relative to it (the report is an artifact)."""
-    from registry.tracking import sqlite_path
-
     db = sqlite_path(uri)
     if db is not None and db.is_absolute() and db.resolve().is_relative_to(Path.cwd().resolve()):
         return "sqlite:///" + db.resolve().relative_to(Path.cwd().resolve()).as_posix()
@@ -92,8 +94,6 @@ def _portable_uri(uri: str) -> str:
 
 def _open_client(tracking_uri: str, root: Path):
     """(client, note): None when the store does not exist (a report must not create an empty database)."""
-    from registry.tracking import resolve_tracking_uri, sqlite_path
-
     uri = resolve_tracking_uri(tracking_uri, root)
     db = sqlite_path(uri)
     # the note names the store as configured (relative under the embedded default): the report is an artifact
@@ -110,9 +110,6 @@ def collect_checkpoints(client, model_name: str) -> list[Checkpoint]:
     """Every version of `model_name`, oldest first, with its metrics (the run's latest metric values, completed
     by the version's `metric.*` tags) and tags; straight from the MLflow client."""
     from mlflow.exceptions import MlflowException
-
-    from registry.models import METRIC_TAG_PREFIX
-    from registry.tracking import TAG_KIND, TAG_STAGE
 
     versions = sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda mv: int(mv.version))
     # search results leave ModelVersion.aliases empty; the registered model holds the alias → version map
@@ -153,34 +150,22 @@ def _metrics_jsonl_series(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def _metrics_jsonl_for(artifacts: Path, name: str) -> Path | None:
-    for base in ("checkpoints", "train_state", "srum"):
-        p = artifacts / base / name / "metrics.jsonl"
-        if p.exists():
-            return p
-    return None
-
-
-def loss_series(client, ckpt: Checkpoint, artifacts: Path) -> tuple[dict[str, list[tuple[int, float]]], str]:
-    """Training curves of a checkpoint: the MLflow metric history of its run, else its metrics.jsonl on disk."""
+def loss_series(client, ckpt: Checkpoint, layout: ArtifactLayout) -> tuple[dict[str, list[tuple[int, float]]], str]:
+    """Training curves of a checkpoint: the MLflow metric history of its run, else its training log on disk."""
     if client is not None and ckpt.run_id:
         series = {k: [(m.step, m.value) for m in client.get_metric_history(ckpt.run_id, k)] for k in LOSS_METRICS}
         if any(series.values()):
             return series, "MLflow"
-    path = _metrics_jsonl_for(artifacts, ckpt.name)
-    if path is not None:
+    path = layout.train_log(ckpt.name)
+    if path.exists():
         return _metrics_jsonl_series(path), str(path)
     return {}, ""
 
 
-def _summary_path(ckpt: Checkpoint, artifacts: Path) -> Path | None:
-    from registry.models import TAG_EVAL_SUMMARY
-
-    candidates = [Path(ckpt.tags[TAG_EVAL_SUMMARY])] if TAG_EVAL_SUMMARY in ckpt.tags else []
-    # evaluation.runner writes <scores>/<checkpoint>/<model_name>/summary.json
-    scores = artifacts / "scores" / ckpt.name
-    candidates += [scores / ckpt.name / "summary.json", scores / "summary.json", *sorted(scores.glob("*/summary.json"))]
-    return next((p for p in candidates if p.exists()), None)
+def _summary_path(ckpt: Checkpoint, layout: ArtifactLayout) -> Path | None:
+    """The checkpoint's SconeEval summary (the evaluate step's), None before it is scored."""
+    path = layout.sconeeval_summary(ckpt.name)
+    return path if path.exists() else None
 
 
 def sample_paths(summary_path: Path) -> list[Path]:
@@ -225,21 +210,21 @@ def _thumbnail(src: Path, dst: Path) -> Path:
 # ---------------------------------------------------------------- what each section shows (the HTML: templates/)
 
 
-def _datacards(artifacts: Path, out_dir: Path) -> list[dict]:
+def _datacards(layout: ArtifactLayout, out_dir: Path) -> list[dict]:
     """One row per dataset card (data.card.write_card): counts, sizes, instruction lengths, contact sheet."""
     rows = []
-    for path in sorted((artifacts / "datacards").glob("*/card.json")):
-        card = json.loads(path.read_text())
+    for name in layout.datacard_names():
+        card = json.loads((layout.datacard(name) / CARD).read_text())
         words = card.get("instruction_words") or {}
-        sheet = path.parent / "contact_sheet.png"
+        sheet = layout.datacard(name) / CONTACT_SHEET
         img = None
         if sheet.exists():
-            dst = out_dir / "datacards" / f"{path.parent.name}.png"
+            dst = out_dir / "datacards" / f"{name}.png"
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(sheet, dst)
             img = f"datacards/{dst.name}"
         rows.append({
-            "name": card.get("name", path.parent.name), "rows": card.get("rows", "-"),
+            "name": card.get("name", name), "rows": card.get("rows", "-"),
             "counts": ", ".join(f"{k} {v}" for k, v in sorted((card.get("task_type") or {}).items())) or "-",
             "sizes": ", ".join(f"{k}: {v}" for k, v in (card.get("image_sizes") or {}).items()) or "-",
             "length": f"mean {words['mean']:.1f}, max {words['max']}" if "mean" in words else "-",
@@ -248,16 +233,16 @@ def _datacards(artifacts: Path, out_dir: Path) -> list[dict]:
     return rows
 
 
-def data_docs_index(artifacts: Path) -> Path | None:
+def data_docs_index(layout: ArtifactLayout) -> Path | None:
     """The Great Expectations Data Docs of the validate stage (data.validate's file-backed project), if built."""
-    return next(iter(sorted((artifacts / "validation" / "gx").glob("**/data_docs/*/index.html"))), None)
+    return layout.data_docs_index if layout.data_docs_index.is_file() else None
 
 
-def _validation(artifacts: Path, publish_dir: Path) -> dict:
-    """Per dataset: its validation verdict (artifacts/validation/<name>.json); the Data Docs link, relative to the
+def _validation(layout: ArtifactLayout, publish_dir: Path) -> dict:
+    """Per dataset: its validation verdict (<validation>/<name>.json); the Data Docs link, relative to the
     folder the page is published from."""
     rows = []
-    for path in sorted((artifacts / "validation").glob("*.json")):
+    for path in layout.validation_reports():
         try:
             report = json.loads(path.read_text())
             stats = report.get("statistics") or {}
@@ -271,7 +256,7 @@ def _validation(artifacts: Path, publish_dir: Path) -> dict:
         except (OSError, ValueError, AttributeError, KeyError) as e:
             rows.append({"name": path.stem, "success": False, "rows": "-", "expectations": "-", "quarantined": "-",
                          "summary": f"{path.name} is unreadable ({e})"})
-    index = data_docs_index(artifacts)
+    index = data_docs_index(layout)
     href = Path(os.path.relpath(index.resolve(), publish_dir.resolve())).as_posix() if index is not None else None
     return {"rows": rows, "data_docs": href}
 
@@ -328,8 +313,6 @@ def _heldout_tables(ckpts: Sequence[Checkpoint]) -> dict:
 
 
 def _gate(ckpts: Sequence[Checkpoint]) -> list[dict]:
-    from registry.gate import TAG_CHAMPION_BEFORE, TAG_DECISION, TAG_REASONS
-
     rows = []
     for c in ckpts:
         decision = c.tags.get(TAG_DECISION)
@@ -351,11 +334,11 @@ def _prefix_table(ckpts: Sequence[Checkpoint], prefix: str, table_id: str, what:
     return {"id": table_id, "heading": heading, "what": what, "prefix": prefix, "keys": [k[len(prefix):] for k in keys], "rows": rows}
 
 
-def _srum_ablation(artifacts: Path, out_dir: Path) -> dict:
+def _srum_ablation(layout: ArtifactLayout, out_dir: Path) -> dict:
     """`scone bench srum-ablation` when it has been run: a plot per prompt set and the judge agreement."""
     from dashboards.plots import plot_ablation
 
-    path = artifacts / "bench" / "srum-ablation.json"
+    path = layout.bench_result("srum-ablation")
     if not path.exists():
         return {"state": "missing"}
     try:
@@ -384,30 +367,32 @@ def _srum_ablation(artifacts: Path, out_dir: Path) -> dict:
         return {"state": "error", "path": str(path), "error": str(e)}
 
 
-def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path | None = None,
+def build_report(artifacts: Path | ArtifactLayout, tracking_uri: str, model_name: str, out: Path | None = None,
                  publish_dir: Path | None = None) -> Path:
-    """Write the report (default `artifacts/reports/index.html`) and its images; return the HTML path.
+    """Write the report (default `<artifacts>/reports/index.html`) and its images; return the HTML path.
 
-    A relative SQLite `tracking_uri` is resolved against the parent of `artifacts` (the repository root), as the
-    tracker does; `MLFLOW_TRACKING_URI` overrides it. `publish_dir` is the folder the page is served from, which
-    links outside the report folder (the Data Docs) are relative to: by default `artifacts/reports`, where
-    tasks.report swaps the folder it builds in staging.
+    `artifacts` is the artifact map the steps wrote by (tasks pass theirs, tasks.paths.Paths) or its root folder,
+    the data root then at its default place under it (data.layout.ArtifactLayout.at). A relative SQLite
+    `tracking_uri` is resolved against the parent of the artifacts root (the repository root), as the tracker does;
+    `MLFLOW_TRACKING_URI` overrides it. `publish_dir` is the folder the page is served from, which links outside
+    the report folder (the Data Docs) are relative to: by default `<artifacts>/reports`, where tasks.report swaps
+    the folder it builds in staging.
     """
     from dashboards.diagnostics import diagnostics_section
     from dashboards.plots import plot_curves, plot_overall
 
-    artifacts = Path(artifacts)
-    out = Path(out) if out is not None else artifacts / "reports" / "index.html"
+    layout = artifacts if isinstance(artifacts, ArtifactLayout) else ArtifactLayout.at(artifacts)
+    out = Path(out) if out is not None else layout.report_page
     out_dir = out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    publish_dir = Path(publish_dir) if publish_dir is not None else artifacts / "reports"
+    publish_dir = Path(publish_dir) if publish_dir is not None else layout.reports
 
-    client, store_note = _open_client(tracking_uri, artifacts.resolve().parent)
+    client, store_note = _open_client(tracking_uri, layout.root.resolve().parent)
     ckpts = collect_checkpoints(client, model_name) if client is not None else []
 
     # stages trained but never registered still get their curves
     seen = {c.name for c in ckpts}
-    on_disk = sorted(p.parent.name for p in (artifacts / "checkpoints").glob("*/metrics.jsonl"))
+    on_disk = layout.trained()
     unregistered = [Checkpoint(name=n, kind="srum" if n.startswith("srum") else "stage") for n in on_disk if n not in seen]
 
     overall = None
@@ -418,13 +403,13 @@ def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path 
 
     curves = []
     for c in ckpts + unregistered:
-        series, source = loss_series(client, c, artifacts)
+        series, source = loss_series(client, c, layout)
         png = plot_curves(series, f"{c.label} ({c.kind})", out_dir / f"loss_{c.slug}.png").name if any(series.values()) else None
         curves.append({"label": c.label, "png": png, "source": source})
 
     samples = []
     for c in ckpts:
-        summary = _summary_path(c, artifacts)
+        summary = _summary_path(c, layout)
         paths = sample_paths(summary) if summary is not None else []
         images = [{"src": f"samples/{_thumbnail(p, out_dir / 'samples' / f'{c.slug}_{i}.png').name}", "alt": p.name}
                   for i, p in enumerate(paths)]
@@ -433,14 +418,14 @@ def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path 
     page = render(
         "report.html.j2",
         title=f"scone-ops report: {model_name}", model_name=model_name,
-        champion=next((c.label for c in ckpts if "champion" in c.aliases), "none"), n_versions=len(ckpts),
+        champion=next((c.label for c in ckpts if CHAMPION_ALIAS in c.aliases), "none"), n_versions=len(ckpts),
         store_note=store_note, generated=dt.datetime.now().isoformat(timespec="seconds"),
         table3=_table3(ckpts), heldout=_heldout_tables(ckpts), overall=overall, gate=_gate(ckpts), curves=curves,
         prefix_tables=[_prefix_table(ckpts, SRUM_PREFIX, "srum", "SRUM", "SRUM rewards"),
                        _prefix_table(ckpts, T2I_PREFIX, "t2i", "compositional T2I", "Compositional T2I")],
-        ablation=_srum_ablation(artifacts, out_dir), samples=samples,
-        diagnostics=diagnostics_section(ckpts, artifacts, out_dir),
-        validation=_validation(artifacts, publish_dir), datacards=_datacards(artifacts, out_dir),
+        ablation=_srum_ablation(layout, out_dir), samples=samples,
+        diagnostics=diagnostics_section(ckpts, layout, out_dir),
+        validation=_validation(layout, publish_dir), datacards=_datacards(layout, out_dir),
     )
     out.write_text(page)
     return out
@@ -449,12 +434,14 @@ def build_report(artifacts: Path, tracking_uri: str, model_name: str, out: Path 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dashboards.report", description="build the HTML report")
     ap.add_argument("--artifacts", default="artifacts")
+    ap.add_argument("--data", default=None, help="the data root (params data.root); default: <artifacts>/data")
     ap.add_argument("--tracking-uri", default="sqlite:///artifacts/mlflow.db")
     ap.add_argument("--model", default="scone-tiny")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else None
-    print(build_report(Path(args.artifacts), args.tracking_uri, args.model, out, out.parent if out else None))
+    layout = ArtifactLayout.at(args.artifacts, args.data)
+    print(build_report(layout, args.tracking_uri, args.model, out, out.parent if out else None))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from data.config import DataConfig
 from data.formats import scone_s2i
 from data.formats.jsonl import read_jsonl
+from data.layout import CARD, CONTACT_SHEET, datacards_dir
 
 SHEET_ROWS = 6
 THUMB = 64
@@ -24,7 +25,7 @@ GAP = 4
 
 
 def card_dir(cfg: DataConfig, name: str) -> Path:
-    return Path(cfg.root).parent / "datacards" / name
+    return datacards_dir(cfg.root) / name
 
 
 def _rows(name: str, cfg: DataConfig) -> list[dict]:
@@ -136,7 +137,7 @@ def write_card(name: str, cfg: DataConfig) -> dict:
         "image_sizes": dict(sorted(sizes.items())),
         "instruction_words": length_stats(lengths),
     }
-    (out / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    contact_sheet(rows).save(out / "contact_sheet.png")
+    (out / CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    contact_sheet(rows).save(out / CONTACT_SHEET)
     _lengths_plot(lengths, name, out / "lengths.png")
-    return card | {"paths": {k: str(out / f) for k, f in (("card", "card.json"), ("contact_sheet", "contact_sheet.png"), ("lengths", "lengths.png"))}}
+    return card | {"paths": {k: str(out / f) for k, f in (("card", CARD), ("contact_sheet", CONTACT_SHEET), ("lengths", "lengths.png"))}}

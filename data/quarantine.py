@@ -21,6 +21,7 @@ from PIL import Image
 
 from data.catalog import ALL_DATASETS
 from data.config import DataConfig
+from data.layout import validation_dir
 
 REASON = "reason"
 MAX_EXAMPLES = 5
@@ -36,7 +37,7 @@ def quarantine_path(cfg: DataConfig, name: str) -> Path:
 
 def validation_quarantine_path(root: str | Path, name: str) -> Path:
     """Rows validation took out of data root `root`: inside the validate stage's DVC output (<root>/../validation)."""
-    return Path(root).parent / "validation" / "quarantine" / f"{name}.parquet"
+    return validation_dir(root) / "quarantine" / f"{name}.parquet"
 
 
 def fix_hint(name: str, *, row: bool = True, kind: str = "scone-s2i") -> str:

@@ -41,6 +41,8 @@ from data.catalog import BENCH, MICO, MIGE, S2I_DATASETS, SRUM, T2I, UND, UND_HE
 from data.config import DataConfig
 from data.formats import scone_s2i
 from data.formats.jsonl import read_jsonl
+from data.layout import DATA_DOCS_SITE
+from data.layout import validation_dir as _validation_dir
 from data.quarantine import RowFilter, fix_hint, row_key, validation_quarantine_path, write_quarantine
 from data.records import (MICO_TASK_TYPES, MIGE_TASK_TYPES, ROW_COLUMNS, T2I_TASK_TYPES, TASK_TYPES,
                           UNDERSTANDING_TASK_TYPES)
@@ -79,11 +81,10 @@ def _gx():
 
 GX_DATASOURCE = "scone-ops"  # one pandas data source; one dataframe asset per dataset
 GX_BATCH = "all"  # the asset's batch definition: the whole dataframe handed over at run time
-DATA_DOCS_SITE = "local_site"
 
 
 def validation_dir(cfg: DataConfig) -> Path:
-    return Path(cfg.root).parent / "validation"
+    return _validation_dir(cfg.root)
 
 
 def gx_project_dir(cfg: DataConfig) -> Path:

@@ -46,7 +46,7 @@ def publish_run_artifacts(params) -> None:
                                       "version and gate decision")
     create_markdown_artifact(key="gate-decisions", markdown=gate_markdown(params),
                              description="why each checkpoint was promoted or not")
-    report = paths.reports / "index.html"
+    report = paths.report_page
     if report.exists():
         create_link_artifact(key="report", link=report.resolve().as_uri(), link_text=str(report),
                              description="the HTML report (scores, curves, samples, data cards)")

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "train-throughput": "benchmarks.train_throughput",
     "ablation-stage2": "benchmarks.ablation_stage2",
     "srum-ablation": "benchmarks.srum_ablation",
+    "autoencoder-ceiling": "benchmarks.autoencoder_ceiling",
 }
 
 
@@ -289,7 +290,7 @@ def _run(args, params) -> int:
 
         from tasks.paths import Paths
 
-        out = Path(args.out or Paths.from_params(params).bench / f"{args.name}.json")
+        out = Path(args.out or Paths.from_params(params).bench_result(args.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         result = importlib.import_module(BENCHMARKS[args.name]).run(params, out)
         print(json.dumps(result, indent=1, default=str)[:6000])

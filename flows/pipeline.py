@@ -90,6 +90,6 @@ def scone_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
         ledger.run_if_stale(fr.REPORT_STAGE, report_task, params, log=log)
         publish_run_artifacts(params)
 
-    report = paths.reports / "index.html"
+    report = paths.report_page
     log.info("report: %s", report)
     return {"report": str(report), "checkpoints": checkpoint_names(params)}

@@ -92,7 +92,7 @@ def lr_multiplier(step: int, *, steps: int, warmup_steps: int, schedule: str) ->
 
 def deepspeed_config(train: TrainConfig, *, world_size: int, precision: str) -> dict:
     # No stage3_gather_16bit_weights_on_model_save: the final weights are gathered group by group by
-    # model.train.save_final_weights, never whole through engine.save_16bit_model.
+    # model.final_weights.save_final_weights, never whole through engine.save_16bit_model.
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage == 3 and train.zero3_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = train.zero3_persistence_threshold

@@ -18,7 +18,7 @@ s_I = s_T = 1 reduces to the full pass alone, s_I = 1 to two passes (`guidance_p
 combines what the passes returned.
 
 Randomness: training draws t, the noise and the dropout from the generator the stage trainer seeds per micro batch
-(model.train.noise_seed); sampling draws each case's starting noise from (seed, position of the case), so an image
+(model.training.noise_seed); sampling draws each case's starting noise from (seed, position of the case), so an image
 does not depend on which other cases share its batch (`case_noise`).
 
 The model computes velocities (model.bagel.family for training, model.bagel.generate for sampling); nothing here

@@ -1,25 +1,31 @@
-"""Reward-weighted training of one SRUM round (SRUM Sec. 3.3, recipe of Table 6 scaled down).
+"""The SRUM round recipe: reward-weighted training of one round (SRUM Sec. 3.3, recipe of Table 6 scaled down).
 
 Each candidate is one prompt, the image the model generated for it, its dense reward map on the latent grid
-and the prompt's ground-truth image. A step draws `micro_batch` candidates per rank and runs ONE forward
-pass over 2 x micro_batch sequences (the self-generated targets, then their ground-truth references, under
-the same prompt) and minimises L_r + lambda_c * L_ref (model.srum_loss). The DeepSpeed engine is the stage
-trainer's (model.engine): AdamW with the SRUM betas and eps, constant LR after a linear warm-up, gradient
-clipping, fp32 on CPU / bf16 on GPUs; freezing follows model.train.apply_freezing (generation expert by
-default, see SrumConfig.train_understanding).
+and the prompt's ground-truth image. A step draws `micro_batch` candidates per rank (`RoundData`: shuffled epochs
+of the candidates, deterministic in the seed) and runs ONE forward pass over 2 x micro_batch sequences (the
+self-generated targets, then their ground-truth references, under the same prompt) and minimises
+L_r + lambda_c * L_ref (model.srum_loss). The engine is the stage trainer's (model.engine): AdamW with the SRUM
+betas and eps, constant LR after a linear warm-up, gradient clipping, fp32 on CPU / bf16 on GPUs; freezing follows
+model.train.apply_freezing (generation expert by default, see SrumConfig.train_understanding).
 
 The checkpoint is a BAGEL release directory (model.pipeline.is_release_dir), loaded by model.bagel.family, its
 batches collated by the family and its loss computed by model.bagel.srum.BagelSrumLoss (one packed forward)
 (`load_round_model`).
 
-`train_srum_round` writes into `out_dir`, like model.train.train_stage does for a stage:
+Only the setup, the batch and the loss are the round's own: the steps, the noise seeding, the metrics log, the
+resumable state, the final save (model.final_weights: streamed, in the release's dtype and shards) and the summary
+are the loop every recipe shares (model.training), so `train_srum_round` writes into `out_dir` what
+model.train.train_stage writes for a stage:
 - the checkpoint at `out_dir` itself, a release directory with its `config.json` marker;
-- `metrics.jsonl`: one line per step {step, loss, l_r, l_ref, lr, grad_norm};
-- `train_summary.json`, written last.
+- `metrics.jsonl`: one line per step {step, loss, l_r, l_ref, lr, grad_norm, samples_per_s, wall_s, samples_seen};
+- `ds_state/`: resumable state every train.save_every steps (the pipeline's `train:` section), and
+  `run_settings.json` (`round_settings`): a killed round re-run with the same candidates and settings resumes
+  and ends on the weights of an uninterrupted one; with other settings it starts afresh (model.run_identity);
+- `train_summary.json`, written last: a finished round re-run with the same settings returns it unchanged.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import numbers
 import time
 from collections.abc import Callable, Sequence
@@ -34,9 +40,10 @@ from torch import nn
 from model import engine as ds_engine
 from model.batching import Example
 from model.config import ModelConfig, SrumConfig, StageConfig, TrainConfig
+from model.data_loader import Sharding
+from model.run_identity import METRICS, SUMMARY, claim_run, code_digest, train_settings, weights_digest  # noqa: F401
+from model.training import Run, train_loop
 
-METRICS = "metrics.jsonl"
-SUMMARY = "train_summary.json"
 SRUM_DATASET = "srum_self_generated"  # label only: the data are the round's candidates, held in memory
 
 
@@ -57,12 +64,15 @@ def srum_stage(srum: SrumConfig) -> StageConfig:
 
 
 def srum_train_config(srum: SrumConfig, base: TrainConfig | None = None) -> TrainConfig:
-    """Optimiser settings from the SRUM recipe; ZeRO stage and precision from the pipeline's `train:` section."""
+    """Optimiser settings from the SRUM recipe; ZeRO stage, precision, the resumable state's interval and the
+    release's shard size from the pipeline's `train:` section (without it: no state before the end)."""
     stage = srum_stage(srum)
     return TrainConfig(
         num_ranks=1, zero_stage=base.zero_stage if base else 2, micro_batch=srum.micro_batch, grad_accum=1,
         grad_clip=srum.grad_clip, precision=base.precision if base else "auto", weight_decay=srum.weight_decay,
-        betas=srum.betas, seed=srum.seed, log_every=1, save_every=max(srum.steps, 1), stages={"srum": stage},
+        betas=srum.betas, seed=srum.seed, log_every=1, save_every=base.save_every if base else max(srum.steps, 1),
+        stages={"srum": stage},
+        **({"max_shard_bytes": base.max_shard_bytes} if base else {}),
     )
 
 
@@ -122,7 +132,7 @@ def _check_candidates(candidates: Sequence, grid: int | tuple[int, int]) -> list
 class RoundModel:
     """The checkpoint as the round's loop uses it."""
 
-    model: nn.Module  # has expert_parameters and save_pretrained(out_dir, state_dict=...)
+    model: nn.Module  # has expert_parameters and weights_writer (model.final_weights.save_final_weights)
     tokenizer: Any  # has save_pretrained(out_dir)
     grid: tuple[int, int]  # latent (rows, cols) of the training targets: the reward maps' shape
     collate: Callable[[list[Example]], dict]
@@ -160,6 +170,69 @@ def load_round_model(model_dir: str | Path, srum_cfg: SrumConfig, model_cfg: Mod
                       lambda ex: family.collate(ex, tokenizer, data_cfg), loss, "bagel-release")
 
 
+def candidates_digest(candidates: Sequence[SrumCandidate | tuple]) -> str:
+    """Content identity of a round's candidates (prompt, references, image, reward map, reference image, in order):
+    the round's data, as the data files' digests are a stage's."""
+    h = hashlib.sha256()
+    for c in candidates:
+        c = SrumCandidate(*c)
+        h.update(f"{c.example.instruction}\0{len(c.example.refs)}\0".encode())
+        for a in (*c.example.refs, c.image, np.asarray(c.reward, dtype=np.float32), c.reference):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
+def round_settings(model_dir: str | Path, candidates: Sequence, srum_cfg: SrumConfig, model_cfg: ModelConfig | None,
+                   train_cfg: TrainConfig, world_size: int) -> dict:
+    """Everything the round's result depends on (model.run_identity): the recipe, the init weights by content,
+    the candidates by content, the model code."""
+    return {
+        "recipe": "srum",
+        # how candidates are made and judged (rounds, candidates, judge) shows in their digest
+        "srum": srum_cfg.model_dump(mode="json", exclude={"rounds", "candidates", "judge"}),
+        "train": train_settings(train_cfg),
+        "model": None if model_cfg is None else model_cfg.model_dump(mode="json"),
+        "world_size": world_size,
+        "init_weights": weights_digest(Path(model_dir)),
+        "candidates": candidates_digest(candidates),
+        "code": code_digest(),
+    }
+
+
+class RoundData:
+    """The round's candidates as the loop reads them: micro batch `micro` of step `step` on this rank is the
+    `micro_batch` candidates at its place in the global batch of `_batch_order`, each twice (its image, then its
+    reference, as the target), with their reward maps. The place is a function of the step alone, so a resumed
+    round needs no data state."""
+
+    def __init__(self, candidates: list[SrumCandidate], collate: Callable[[list[Example]], dict], sharding: Sharding,
+                 steps: int, seed: int):
+        self.candidates, self.collate, self.sharding = candidates, collate, sharding
+        self.order = _batch_order(len(candidates), steps * sharding.lanes * sharding.micro_batch, seed)
+        self.samples = 0
+
+    def micro_batch(self, step: int, micro: int) -> tuple[dict, torch.Tensor]:
+        mb = self.sharding.micro_batch
+        start = (step * self.sharding.lanes + self.sharding.chunk(micro)) * mb
+        chosen = [self.candidates[i] for i in self.order[start : start + mb]]
+        examples = [Example(refs=c.example.refs, instruction=c.example.instruction, target=c.image) for c in chosen]
+        examples += [Example(refs=c.example.refs, instruction=c.example.instruction, target=c.reference)
+                     for c in chosen]
+        self.samples += len(chosen)
+        return self.collate(examples), torch.from_numpy(np.stack([c.reward for c in chosen]))
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, client: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train_srum_round(
     model_dir: str | Path,
     candidates: Sequence[SrumCandidate | tuple],
@@ -177,116 +250,43 @@ def train_srum_round(
 
     `model_cfg` (optional): the data-side and bridge settings the release does not store (`bagel_data_config`);
     the architecture is the release's.
-    `train` supplies ZeRO stage and precision (defaults: ZeRO-2, auto precision -> fp32 on CPU).
+    `train` supplies ZeRO stage, precision, the state interval and the shard size (defaults: ZeRO-2, auto precision
+    -> fp32 on CPU, no state before the end).
     """
-    from tqdm.auto import tqdm
-
-    from model.train import _final_weights, apply_freezing, to_device
+    from model.train import apply_freezing
 
     t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    rm = load_round_model(model_dir, srum_cfg, model_cfg)
-    model, tokenizer = rm.model, rm.tokenizer
-    cands = _check_candidates(candidates, rm.grid)
-
+    out_dir, candidates = Path(out_dir), list(candidates)
     rank, world = ds_engine.init_distributed()
     train_cfg = srum_train_config(srum_cfg, train)
+    settings = round_settings(model_dir, candidates, srum_cfg, model_cfg, train_cfg, world)
+    done = claim_run(out_dir, settings, rank, on_mismatch="restart")
+    if done is not None:
+        return done
     stage = train_cfg.stages["srum"]
-    precision = ds_engine.resolve_precision(train_cfg.precision)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    run = Run("srum", out_dir, train_cfg, stage, rank, world, ds_engine.resolve_precision(train_cfg.precision),
+              ("loss", "l_r", "l_ref"), t_start, progress, live_metrics)
+
     torch.manual_seed(srum_cfg.seed)
-    trainable = apply_freezing(model, stage)
-    eng = ds_engine.build_engine(rm.loss, trainable, train_cfg, stage, world_size=world, precision=precision)
-    set_adam_eps(eng, srum_cfg.eps)
-    eng.train()
+    rm = load_round_model(model_dir, srum_cfg, model_cfg)
+    cands = _check_candidates(candidates, rm.grid)
+    trainable = apply_freezing(rm.model, stage)
+    data = RoundData(cands, rm.collate, run.sharding, srum_cfg.steps, srum_cfg.seed)
 
-    mb = srum_cfg.micro_batch
-    order = _batch_order(len(cands), srum_cfg.steps * world * mb, srum_cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / METRICS
-    if rank == 0:
-        metrics_path.write_text("")
-    history: list[dict] = []
-    from model.live_metrics import open_live_metrics
-
-    live = open_live_metrics(live_metrics) if rank == 0 else None
-    bar = tqdm(total=srum_cfg.steps, desc="srum", unit="step", disable=not (progress and rank == 0))
-    t_loop = time.perf_counter()
-    try:
-        for step in range(srum_cfg.steps):
-            lr = float(eng.get_lr()[0])
-            start = (step * world + rank) * mb
-            chosen = [cands[i] for i in order[start : start + mb]]
-            examples = [Example(refs=c.example.refs, instruction=c.example.instruction, target=c.image) for c in chosen]
-            examples += [Example(refs=c.example.refs, instruction=c.example.instruction, target=c.reference) for c in chosen]
-            batch = to_device(rm.collate(examples), eng.device, dtype)
-            reward = torch.from_numpy(np.stack([c.reward for c in chosen])).to(eng.device, dtype)
-            seed = int(np.random.SeedSequence([srum_cfg.seed, step, rank]).generate_state(1)[0])
-            torch.manual_seed(seed)
-            gen = torch.Generator(device=eng.device).manual_seed(seed)
-            out = eng(batch, reward, generator=gen)
-            eng.backward(out["loss"])
-            eng.step()
-            values = torch.tensor([float(out[k].detach().float()) for k in ("loss", "l_r", "l_ref")], dtype=torch.float64)
-            if world > 1:
-                import torch.distributed as dist
-
-                values = values.to(eng.device)
-                dist.all_reduce(values)
-                values = values.cpu() / world
-            grad_norm = eng.get_global_grad_norm()
-            row = {"step": step + 1, "loss": float(values[0]), "l_r": float(values[1]), "l_ref": float(values[2]),
-                   "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm)}
-            history.append(row)
-            if rank == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if live is not None:
-                    live(row)
-            bar.update(1)
-        loop_s = time.perf_counter() - t_loop
-        state, _ = _final_weights(eng.module.model, train_cfg.zero_stage, rank)
-        if rank == 0:
-            # a checkpoint left in out_dir by an earlier run is replaced whole: a release refuses to be written
-            # over weights, and shards of another split would outlive it
-            for stale in [*out_dir.glob("*.safetensors"), *out_dir.glob("*.safetensors.index.json")]:
-                stale.unlink()
-            model.save_pretrained(out_dir, state_dict=state)
-            tokenizer.save_pretrained(out_dir)
-        summary = {
-            "stage": "srum",
+    def summary(base: dict, rows: list[dict]) -> dict:
+        return {
+            **base,
             "init_checkpoint": str(model_dir),
             "checkpoint_layout": rm.layout,
-            "steps": srum_cfg.steps,
             "candidates": len(cands),
-            "micro_batch": mb,
-            "num_ranks": world,
-            "final_loss": history[-1]["loss"],
-            "final_l_r": history[-1]["l_r"],
-            "final_l_ref": history[-1]["l_ref"],
-            "mean_loss": float(np.mean([h["loss"] for h in history])),
+            "micro_batch": srum_cfg.micro_batch,
+            "mean_loss": float(np.mean([r["loss"] for r in rows])),
             "lr": srum_cfg.lr,
             "adam_eps": srum_cfg.eps,
             "lambda_c": srum_cfg.lambda_c,
             "alpha": srum_cfg.alpha,
             "reward_weighting": srum_cfg.reward_weighting,
-            "precision": precision,
-            "zero_stage": train_cfg.zero_stage,
-            "trainable_params": sum(p.numel() for p in trainable),
-            "wall_s": loop_s,
-            "total_s": time.perf_counter() - t_start,
-            "checkpoint": str(out_dir),
-            "metrics": str(metrics_path),
         }
-        if rank == 0:
-            (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        if world > 1:
-            import torch.distributed as dist
 
-            dist.barrier()
-        return summary
-    finally:
-        bar.close()
-        if live is not None:
-            live.close()
-        eng.destroy()
+    return train_loop(run, rm.loss, trainable, data, rm.tokenizer,
+                      configure=lambda eng: set_adam_eps(eng, srum_cfg.eps), summary=summary)

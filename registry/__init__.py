@@ -1,12 +1,56 @@
 """MLflow tracking, the model registry and the promotion gate.
 
 The metric names below are the one vocabulary shared by the tasks that log metrics, the gate that reads them and
-the dashboards that display them. Importing this package is cheap: MLflow loads only with `registry.tracking`.
+the dashboards that display them; so are the run and version tags, the aliases and where the tracking store is
+(`resolve_tracking_uri`). This package is the registry's face to its readers: the dashboards import nothing else
+of it and talk to MLflow through mlflow's own client. Importing it is cheap: MLflow loads only with
+`registry.tracking`.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 # SconeEval sub-tasks in the paper's Table 3 order: the data package owns the list.
 from data.records import TASK_TYPES as SCONEEVAL_TASK_TYPES
+
+# Run tags (registry.tracking): what a checkpoint is and which code and data made it. Copied onto model versions at
+# registration.
+TAG_STAGE = "scone.stage"
+TAG_KIND = "scone.kind"
+TAG_GIT_COMMIT = "scone.git_commit"
+TAG_GIT_DIRTY = "scone.git_dirty"
+TAG_DATA_HASH = "scone.data_hash"
+RUN_KINDS = ("stage", "srum", "eval")
+# Model versions (registry.models): the aliases and the headline scores as `metric.<name>` tags.
+CANDIDATE_ALIAS = "candidate"
+CHAMPION_ALIAS = "champion"
+METRIC_TAG_PREFIX = "metric."
+# The promotion gate's verdict on a version (registry.gate).
+TAG_DECISION = "gate.decision"
+TAG_REASONS = "gate.reasons"
+TAG_CHAMPION_BEFORE = "gate.champion_before"
+TAG_THRESHOLDS = "gate.thresholds"
+
+
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """The tracking URI to use: `MLFLOW_TRACKING_URI` wins; a relative SQLite path is made absolute under `root`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        db = Path(uri[len(prefix):])
+        if not db.is_absolute():
+            db = Path(root).resolve() / db
+        return prefix + str(db)
+    if "://" not in uri:  # a bare path: MLflow reads it as a file store; keep it absolute too
+        path = Path(uri)
+        return str(path if path.is_absolute() else Path(root).resolve() / path)
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file behind a `sqlite:///` URI, None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 # Averages on the 0-10 scale: COM (composition), DIS (distinction), Overall = (COM + DIS) / 2.
 SCONEEVAL_OVERALL = "sconeeval.overall"

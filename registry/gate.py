@@ -15,14 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 from mlflow import MlflowClient
 
-from registry import MICO_OVERALL, MIGE_OVERALL, SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL
+from registry import (CHAMPION_ALIAS, MICO_OVERALL, MIGE_OVERALL, SCONEEVAL_COM, SCONEEVAL_DIS,  # noqa: F401
+                      SCONEEVAL_OVERALL, TAG_CHAMPION_BEFORE, TAG_DECISION, TAG_REASONS, TAG_THRESHOLDS)
 from registry.config import BenchmarkGate, GateConfig
-from registry.models import CHAMPION_ALIAS, version_by_alias, version_metrics
-
-TAG_DECISION = "gate.decision"
-TAG_REASONS = "gate.reasons"
-TAG_CHAMPION_BEFORE = "gate.champion_before"
-TAG_THRESHOLDS = "gate.thresholds"
+from registry.models import version_by_alias, version_metrics
 PROMOTED, REJECTED = "promoted", "rejected"
 # Guards float noise in averages (e.g. 6.97 stored as 6.969999...) from flipping an equal score into a regression.
 _EPS = 1e-9

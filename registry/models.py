@@ -25,15 +25,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from registry import MICO_OVERALL, MIGE_OVERALL, SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL, T2I_PREFIX
-from registry.tracking import TAG_DATA_HASH, TAG_GIT_COMMIT, TAG_GIT_DIRTY, TAG_KIND, TAG_STAGE, Tracker
+from registry import (CANDIDATE_ALIAS, CHAMPION_ALIAS, METRIC_TAG_PREFIX, MICO_OVERALL, MIGE_OVERALL,  # noqa: F401
+                      SCONEEVAL_COM, SCONEEVAL_DIS, SCONEEVAL_OVERALL, T2I_PREFIX, TAG_DATA_HASH, TAG_GIT_COMMIT,
+                      TAG_GIT_DIRTY, TAG_KIND, TAG_STAGE)
+from registry.tracking import Tracker
 
-CANDIDATE_ALIAS = "candidate"
-CHAMPION_ALIAS = "champion"
-METRIC_TAG_PREFIX = "metric."
 # The scores a reviewer scans in the registry list; every other metric stays on the run and the logged model.
 HEADLINE_METRICS = (SCONEEVAL_OVERALL, SCONEEVAL_COM, SCONEEVAL_DIS, f"{T2I_PREFIX}mean", MICO_OVERALL, MIGE_OVERALL)
-TAG_EVAL_SUMMARY = "scone.eval_summary"  # older versions named their summary file; read by dashboards.report
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 EVAL_ARTIFACT_PATH = "eval"
 LOGGED_MODEL_NAME = "scone-pipeline"

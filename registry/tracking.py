@@ -24,35 +24,10 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from data.formats.jsonl import iter_jsonl
+# the run tags and the store's location are the registry's public vocabulary (registry/__init__.py), re-exported
+from registry import (RUN_KINDS, TAG_DATA_HASH, TAG_GIT_COMMIT, TAG_GIT_DIRTY, TAG_KIND, TAG_STAGE,  # noqa: F401
+                      resolve_tracking_uri, sqlite_path)
 from registry.config import RegistryConfig
-
-# Run tags: what a checkpoint is and which code and data made it. Copied onto model versions at registration.
-TAG_STAGE = "scone.stage"
-TAG_KIND = "scone.kind"
-TAG_GIT_COMMIT = "scone.git_commit"
-TAG_GIT_DIRTY = "scone.git_dirty"
-TAG_DATA_HASH = "scone.data_hash"
-RUN_KINDS = ("stage", "srum", "eval")
-
-
-def resolve_tracking_uri(uri: str, root: Path) -> str:
-    """The tracking URI to use: `MLFLOW_TRACKING_URI` wins; a relative SQLite path is made absolute under `root`."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        db = Path(uri[len(prefix):])
-        if not db.is_absolute():
-            db = Path(root).resolve() / db
-        return prefix + str(db)
-    if "://" not in uri:  # a bare path: MLflow reads it as a file store; keep it absolute too
-        path = Path(uri)
-        return str(path if path.is_absolute() else Path(root).resolve() / path)
-    return uri
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file behind a `sqlite:///` URI, None for any other store."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def relative_store_locations(tracking_uri: str, cwd: Path | None = None) -> int:

@@ -8,20 +8,24 @@ the two above, written as a BAGEL release directory). Each writes in staging and
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from prefect import task
 
 from tasks.atomic import publish, staged
 from tasks.paths import DATASETS, Paths
 
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
-def _check_bootstrapped(params) -> None:
+
+def _check_bootstrapped(params: Params) -> None:
     if params.model.release:
         raise ValueError(f"model.release is set ({params.model.release}): the chain starts from that release "
                          "directory and makes none; unset it (null) to bootstrap the tiny release")
 
 
-def tokenizer_step(params) -> dict:
+def tokenizer_step(params: Params) -> dict:
     from model.bagel.bootstrap import subject_world_texts, train_tokenizer
 
     _check_bootstrapped(params)
@@ -37,7 +41,7 @@ def tokenizer_step(params) -> dict:
     return summary
 
 
-def autoencoder_step(params) -> dict:
+def autoencoder_step(params: Params) -> dict:
     from model.bagel.autoencoder_train import images_from_datasets, save_autoencoder, train_autoencoder
     from model.bagel.config import preset
 
@@ -56,7 +60,7 @@ def autoencoder_step(params) -> dict:
     return {"images": len(images), "dir": str(out), **{k: v for k, v in metrics.items() if not isinstance(v, list)}}
 
 
-def release_step(params) -> dict:
+def release_step(params: Params) -> dict:
     from model.bagel.bootstrap import assemble_release
 
     _check_bootstrapped(params)

@@ -1,7 +1,12 @@
 """Facts about a checkpoint of the chain that several tasks need: its stage config, bridge use, datasets."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tasks.paths import Paths
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 
 def is_srum(name: str) -> bool:
@@ -12,7 +17,7 @@ def srum_index(name: str) -> int:
     return int(name.removeprefix("srum_round"))
 
 
-def stage_of(params, name: str) -> str:
+def stage_of(params: Params, name: str) -> str:
     """The training stage whose recipe produced (or underlies) checkpoint `name`."""
     if is_srum(name):
         return params.srum.init_from
@@ -22,7 +27,7 @@ def stage_of(params, name: str) -> str:
     return name
 
 
-def uses_bridge(params, name: str) -> bool:
+def uses_bridge(params: Params, name: str) -> bool:
     """Sampling with the semantic mask: only with the switch eval.sampling.semantic_mask on, and only for
     checkpoints at or after the first stage that trained with it (before it, the mask means nothing)."""
     if not params.eval.sampling.semantic_mask:
@@ -33,7 +38,7 @@ def uses_bridge(params, name: str) -> bool:
     return any(params.train.stages[s].bridge for s in upto)
 
 
-def generation_trained(params, name: str) -> bool:
+def generation_trained(params: Params, name: str) -> bool:
     """Whether a stage up to checkpoint `name` (or a SRUM round) has trained the generation expert. Before that the
     checkpoint generates with the release's weights (the tiny release's are fresh: und_pretrain trains understanding
     only), so the generation benchmarks and the registry, whose versions are generation models gated on SconeEval,
@@ -46,7 +51,7 @@ def generation_trained(params, name: str) -> bool:
     return any(params.train.stages[s].train_generation for s in upto)
 
 
-def data_dirs(params, name: str) -> list:
+def data_dirs(params: Params, name: str) -> list:
     """The dataset folders a checkpoint was trained on (for the DVC data hash on its registered version)."""
     p = Paths.from_params(params)
     if is_srum(name):

@@ -6,11 +6,15 @@ and its build quarantine) replace the old ones only when the build has succeeded
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import task
 
 from tasks.atomic import publish, replace_path, staged, write_json
 from tasks.paths import DATASETS, Paths
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 
 def all_names() -> list[str]:
@@ -36,7 +40,7 @@ def _staged_config(cfg, tmp: Path):
     return cfg.model_copy(update={"root": str(tmp), "llm": llm})
 
 
-def build_step(params, name: str) -> dict:
+def build_step(params: Params, name: str) -> dict:
     from data.build import build_dataset
 
     paths = Paths.from_params(params)
@@ -53,7 +57,7 @@ def build_step(params, name: str) -> dict:
     return summary
 
 
-def validate_step(params, name: str) -> dict:
+def validate_step(params: Params, name: str) -> dict:
     """Great Expectations suite, then the data card (counts, size histogram, lengths, contact sheet)."""
     from data.card import write_card
     from data.quarantine import validation_quarantine_path
@@ -74,7 +78,7 @@ build_dataset_task = task(build_step, name="build_data", task_run_name="build-{n
 validate_dataset_task = task(validate_step, name="validate_data", task_run_name="validate-{name}")
 
 
-def import_step(params, kind: str, src: str, name: str | None = None, track: bool = True) -> dict:
+def import_step(params: Params, kind: str, src: str, name: str | None = None, track: bool = True) -> dict:
     """Register a downloaded dataset (Scone-S2I-57K or SconeEval layout): the raw copy is DVC-tracked under
     imports/<name> (its .dvc file goes into git), the cleaned, validated copy lands under params.data.root."""
     import shutil

@@ -9,19 +9,23 @@ MLflow run with the contact sheet and the showcased overlay.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks.atomic import publish, staged, write_json
 from tasks.paths import Paths
 
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
-def diagnostics_step(params, name: str, pipe) -> dict:
+
+def diagnostics_step(params: Params, name: str, pipe) -> dict:
     """Diagnostics of checkpoint `name` from its loaded pipeline `pipe`; returns the result (details included).
     A checkpoint without generated images (no generation trained yet) gets the bridge figures and a contact sheet
     without its generated column."""
     from evaluation.diagnostics import FILES, format_summary, headline, run_diagnostics
 
     paths = Paths.from_params(params)
-    images = paths.score_dir(name) / name / "images_try1"  # SconeEval's first sampling round (evaluation.runner)
+    images = paths.sconeeval_dir(name) / "images_try1"  # SconeEval's first sampling round (evaluation.runner)
     with staged(paths.root, f"diagnostics-{name}") as tmp:
         result = run_diagnostics(pipe, paths.sconeeval_bench, images, tmp / "diagnostics")
         publish([(tmp / "diagnostics", paths.diagnostics_dir(name))])
@@ -31,7 +35,7 @@ def diagnostics_step(params, name: str, pipe) -> dict:
     return result
 
 
-def _log(params, paths: Paths, name: str, result: dict, files: list[str | None]) -> None:
+def _log(params: Params, paths: Paths, name: str, result: dict, files: list[str | None]) -> None:
     """The figures and pictures join the run the checkpoint was made in (skipped when this store lacks it)."""
     from evaluation.diagnostics import mlflow_metrics
     from registry.tracking import Tracker

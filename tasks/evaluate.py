@@ -13,6 +13,7 @@ only that (`understanding_only_step`).
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from prefect import task
 
@@ -21,6 +22,9 @@ from tasks.dvc_metrics import headline_scores, heldout_headline
 from tasks.checkpoints import generation_trained, uses_bridge
 from tasks.diagnostics import diagnostics_step
 from tasks.paths import HELDOUT_BENCHMARKS, Paths
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 
 def sample_grid(model_dir, relative_paths: list[str], out, thumb: int = 128):
@@ -47,7 +51,7 @@ def heldout_metrics(summaries: dict[str, dict]) -> dict[str, dict[str, float]]:
     return {b: convert[b](s) for b, s in summaries.items()}
 
 
-def log_to_checkpoint_run(params, ckpt, summary: dict, t2i: dict, scores_dir, heldout: dict | None = None) -> None:
+def log_to_checkpoint_run(params: Params, ckpt, summary: dict, t2i: dict, scores_dir, heldout: dict | None = None) -> None:
     """The scores and a grid of samples join the MLflow run the checkpoint was trained in (its curves are there
     already); the registry adds the rest when it registers the version. A clone whose store lacks that run skips it."""
     import tempfile
@@ -71,7 +75,7 @@ def log_to_checkpoint_run(params, ckpt, summary: dict, t2i: dict, scores_dir, he
                 tracker.log_artifact(run_id, grid, "samples")
 
 
-def evaluate_step(params, name: str) -> dict:
+def evaluate_step(params: Params, name: str) -> dict:
     from data.formats.srum_prompts import read_prompts
     from evaluation.heldout_runner import evaluate_heldout_dirs
     from evaluation.runner import evaluate_checkpoint_dir, generate_fn_from_checkpoint
@@ -89,9 +93,9 @@ def evaluate_step(params, name: str) -> dict:
         return understanding_only_step(params, name, pipe)
     with staged(paths.root, f"scores-{name}") as tmp:
         out = tmp / name
-        summary = evaluate_checkpoint_dir(ckpt, paths.data / "sconeeval_bench", out, params.eval, model_name=name,
+        summary = evaluate_checkpoint_dir(ckpt, paths.sconeeval_bench, out, params.eval, model_name=name,
                                           bridge=bridge, pipeline=pipe)
-        prompts = read_prompts(paths.data / "srum_prompts" / "prompts.jsonl")
+        prompts = read_prompts(paths.srum_prompts)
         generate_fn = generate_fn_from_checkpoint(ckpt, params.eval.sampling, bridge, pipeline=pipe)
         t2i = evaluate_t2i(generate_fn, prompts, seed=params.eval.seed)
         (out / "t2i.json").write_text(json.dumps(t2i, indent=1))
@@ -113,7 +117,7 @@ def evaluate_step(params, name: str) -> dict:
             "mico": heldout["mico"]["overall"].get("score"), "mige": heldout["mige"]["overall"].get("score")}
 
 
-def understanding_step(params, name: str, pipe) -> dict:
+def understanding_step(params: Params, name: str, pipe) -> dict:
     """Held-out understanding accuracy of checkpoint `name` (evaluation.understanding), after its scores folder is
     published: each question's answer into <scores>/<name>/understanding.json, the accuracies per type into its DVC
     metrics file (metrics/understanding/<name>.json) and its MLflow run (with the answers file)."""
@@ -138,7 +142,7 @@ def understanding_step(params, name: str, pipe) -> dict:
     return summary
 
 
-def understanding_only_step(params, name: str, pipe) -> dict:
+def understanding_only_step(params: Params, name: str, pipe) -> dict:
     """A checkpoint whose generation expert no stage has trained (tasks.checkpoints.generation_trained) samples
     with the release's weights: only its understanding is scored. The generation metrics files the evaluate stage
     declares hold no figures ({}), and register leaves the checkpoint out."""

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 RUN_FILE = "mlflow_run.json"  # published with the checkpoint; registration completes the same run
 
 
-def open_mlflow_run(params, name: str, folder: Path, kind: str = "stage"):
+def open_mlflow_run(params: Params, name: str, folder: Path, kind: str = "stage"):
     """The checkpoint's MLflow run, opened before training so its curves and system metrics are live: the one
     `folder/mlflow_run.json` names when this store holds it (a resumed stage continues its run), else a new one.
     The file travels with the checkpoint; registration then completes the same run."""

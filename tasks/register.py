@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import task
 
@@ -21,6 +22,9 @@ from registry.tracking import file_md5
 from tasks.atomic import staged, write_json
 from tasks.checkpoints import data_dirs, is_srum, srum_index, stage_of
 from tasks.paths import Paths
+
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
 TAG_WEIGHTS_MD5 = "checkpoint.weights_md5"
 TAG_METRICS_MD5 = "checkpoint.metrics_md5"
@@ -46,18 +50,18 @@ def _flatten(tree: dict, prefix: str) -> dict[str, float]:
     return out
 
 
-def checkpoint_metrics(params, name: str) -> dict[str, float]:
+def checkpoint_metrics(params: Params, name: str) -> dict[str, float]:
     """SconeEval averages and per-task figures, compositional T2I accuracy, MICo-Bench and MIGE-Bench figures (when
     the checkpoint's scores have them), held-out understanding accuracy per question type and, for SRUM rounds,
     reward statistics."""
     from registry import SRUM_PREFIX, T2I_PREFIX, UNDERSTANDING_PREFIX, mico_metrics, mige_metrics, sconeeval_metrics
 
     paths = Paths.from_params(params)
-    summary_path = paths.score_dir(name) / name / "summary.json"
+    summary_path = paths.sconeeval_summary(name)
     if not summary_path.exists():
         raise FileNotFoundError(f"{summary_path} not found: run `scone eval checkpoint {name}` first")
     metrics = sconeeval_metrics(json.loads(summary_path.read_text()))
-    t2i_path = paths.score_dir(name) / "t2i.json"
+    t2i_path = paths.t2i_scores(name)
     if t2i_path.exists():
         t2i = json.loads(t2i_path.read_text())
         metrics[f"{T2I_PREFIX}mean"] = float(t2i["mean"])
@@ -77,7 +81,7 @@ def checkpoint_metrics(params, name: str) -> dict[str, float]:
     return metrics
 
 
-def sampling_settings(params, name: str) -> dict:
+def sampling_settings(params: Params, name: str) -> dict:
     """The settings the checkpoint's scores were measured with: the registered pipeline samples with them."""
     from tasks.checkpoints import uses_bridge
 
@@ -86,7 +90,7 @@ def sampling_settings(params, name: str) -> dict:
             "seed": params.eval.seed}
 
 
-def register_step(params, name: str) -> dict:
+def register_step(params: Params, name: str) -> dict:
     from registry.gate import TAG_DECISION, apply_gate
     from registry.models import register_checkpoint
     from registry.plots import loss_plot
@@ -116,13 +120,13 @@ def register_step(params, name: str) -> dict:
                                         "stage": params.train.stages[stage].model_dump(), "eval": params.eval.model_dump(),
                                         **({"srum": params.srum.model_dump()} if is_srum(name) else {})})
             tracker.log_datasets(run_id, datasets)
-            if (ckpt / "metrics.jsonl").exists():
+            if paths.train_log(name).exists():
                 if trained_in is None:  # no live curves: replay the training log
-                    tracker.log_metrics_file(run_id, ckpt / "metrics.jsonl")
-                plot = loss_plot(ckpt / "metrics.jsonl", tmp / "loss.png", title=f"{name}: training loss")
+                    tracker.log_metrics_file(run_id, paths.train_log(name))
+                plot = loss_plot(paths.train_log(name), tmp / "loss.png", title=f"{name}: training loss")
                 if plot is not None:
                     tracker.log_artifact(run_id, plot, "plots")
-            t2i = paths.score_dir(name) / "t2i.json"
+            t2i = paths.t2i_scores(name)
             if t2i.exists():
                 tracker.log_artifact(run_id, t2i, "eval")
             tracker.set_tags(run_id, {TAG_WEIGHTS_MD5: md5})
@@ -130,7 +134,7 @@ def register_step(params, name: str) -> dict:
             version = register_checkpoint(
                 tracker, run_id, ckpt, model_name, metrics,
                 description=f"{name}: SconeEval Overall {metrics.get('sconeeval.overall', float('nan')):.3f}",
-                eval_summary=paths.score_dir(name) / name / "summary.json",
+                eval_summary=paths.sconeeval_summary(name),
                 extra_tags={TAG_WEIGHTS_MD5: md5, TAG_METRICS_MD5: scores_md5},
                 sampling=sampling_settings(params, name), staging=tmp, pipeline=pipeline_settings(params.model),
             )
@@ -156,7 +160,7 @@ def register_step(params, name: str) -> dict:
     return record
 
 
-def register_all_step(params) -> list[dict]:
+def register_all_step(params: Params) -> list[dict]:
     """Every checkpoint of the chain that generates, in chain order (the gate compares each with the champion before
     it); a checkpoint whose generation expert no stage has trained yet is no generation model (tasks.checkpoints)."""
     from tasks.checkpoints import generation_trained

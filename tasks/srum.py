@@ -5,6 +5,8 @@ written in staging and replace the previous ones together, only when the round h
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prefect import task
 
 from tasks.atomic import publish, repoint_json, staged
@@ -12,8 +14,26 @@ from tasks.paths import Paths, srum_name
 from tasks.dvc_metrics import write_loss_curve
 from tasks.mlflow_runs import open_mlflow_run
 
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
 
-def srum_round_step(params, index: int) -> dict:
+
+def drop_run_files(ckpt) -> None:
+    """Leave only the model in a trained round's checkpoint folder: its run settings and resumable state
+    (model.run_identity.RUN_FILES) are how the round was run, as a stage's work-only files are."""
+    import shutil
+
+    from model.run_identity import RUN_FILES
+
+    for name in RUN_FILES:
+        path = ckpt / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def srum_round_step(params: Params, index: int) -> dict:
     from data.formats.srum_prompts import read_prompts
     from evaluation.srum import run_round
 
@@ -31,7 +51,7 @@ def srum_round_step(params, index: int) -> dict:
         try:
             summary = run_round(
                 init,
-                read_prompts(paths.data / "srum_prompts" / "prompts.jsonl"),
+                read_prompts(paths.srum_prompts),
                 params.srum,
                 params.eval.sampling,
                 srum_root,
@@ -47,12 +67,13 @@ def srum_round_step(params, index: int) -> dict:
             tracker.end_run(run_id, "FAILED")
             raise
         tracker.end_run(run_id)
+        drop_run_files(ckpt)  # the staging folder goes with the step: its resumable state has nothing to resume
         round_dir = srum_root / f"round_{index}"  # where evaluation.srum.run_round writes it
         for folder in (round_dir, ckpt):
             repoint_json(folder, srum_root, paths.srum)
             repoint_json(folder, ckpt, paths.checkpoint(name))
         publish([(round_dir, paths.srum_round(index)), (ckpt, paths.checkpoint(name))])
-    write_loss_curve(paths.checkpoint(name) / "metrics.jsonl", paths.loss_curve(name))
+    write_loss_curve(paths.train_log(name), paths.loss_curve(name))
     return summary
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import task
 
@@ -17,11 +18,14 @@ from tasks.dvc_metrics import write_loss_curve
 from tasks.mlflow_runs import open_mlflow_run
 from tasks.paths import Paths
 
+if TYPE_CHECKING:  # a type only: the root params pull in every package's config
+    from tasks.params import Params
+
 # Files of the working folder that are how the stage was run, not the model.
 WORK_ONLY = ("ds_state", "run_settings.json", "run_config.json", "worker.log")
 
 
-def train_step(params, stage_name: str) -> dict:
+def train_step(params: Params, stage_name: str) -> dict:
     from model.launch import run_stage
     from model.train import RunSettingsMismatch
 
@@ -55,13 +59,13 @@ def train_step(params, stage_name: str) -> dict:
         summary = run()
     _publish_checkpoint(work, paths.checkpoint(stage_name), paths.root, stage_name)
     shutil.rmtree(work)
-    write_loss_curve(paths.checkpoint(stage_name) / "metrics.jsonl", paths.loss_curve(stage_name))
+    write_loss_curve(paths.train_log(stage_name), paths.loss_curve(stage_name))
     summary["checkpoint"] = str(paths.checkpoint(stage_name))
-    summary["metrics"] = str(paths.checkpoint(stage_name) / "metrics.jsonl")
+    summary["metrics"] = str(paths.train_log(stage_name))
     return summary
 
 
-def _init_and_family(params, stage, paths: Paths) -> tuple[Path, str]:
+def _init_and_family(params: Params, stage, paths: Paths) -> tuple[Path, str]:
     """Where a stage starts: the previous stage's checkpoint, or for the first stage the release directory (the
     chain's own, or model.release); and the model family that trains it."""
     from model.bagel.release import FAMILY_SPEC

@@ -225,6 +225,53 @@ def test_train_srum_round_on_a_release(release, tmp_path):
         train_srum_round(release, _candidates(1, rewards=[np.ones((4, 4), np.float32)]), srum, None, tmp_path / "bad")
 
 
+def test_crashed_round_resumes_to_the_weights_of_an_uninterrupted_round(release, tmp_path, monkeypatch):
+    from model.config import StageConfig, TrainConfig
+
+    srum = SrumConfig(steps=4, micro_batch=2, warmup_steps=1, lr=1e-3, bridge=False)
+    train = TrainConfig(zero_stage=2, precision="fp32", save_every=2,
+                        stages={"x": StageConfig(datasets=["x"], steps=1, lr=1e-3)})
+    cands = _candidates(3)
+    full = train_srum_round(release, cands, srum, ModelConfig(), tmp_path / "full", train=train)
+
+    calls = {"n": 0}
+    real_forward = BagelSrumLoss.forward
+
+    def crashing(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3: after the state saved at step 2
+            raise RuntimeError("simulated crash")
+        return real_forward(self, *a, **kw)
+
+    monkeypatch.setattr(BagelSrumLoss, "forward", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_srum_round(release, cands, srum, ModelConfig(), tmp_path / "resumed", train=train)
+    assert not (tmp_path / "resumed" / "train_summary.json").exists()
+    monkeypatch.setattr(BagelSrumLoss, "forward", real_forward)
+
+    resumed = train_srum_round(release, cands, srum, ModelConfig(), tmp_path / "resumed", train=train)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps_this_run"] == 2 and resumed["steps"] == 4
+    assert [p.name for p in (tmp_path / "resumed" / "ds_state").iterdir() if p.is_dir()] == ["step0000002"]
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    # metrics: each step once, and the recomputed steps match the uninterrupted round
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("full", "resumed")}
+    assert [r["step"] for r in rows["resumed"]] == [1, 2, 3, 4]
+    for key in ("loss", "l_r", "l_ref", "lr"):
+        assert [r[key] for r in rows["resumed"]] == pytest.approx([r[key] for r in rows["full"]], abs=1e-6)
+    assert resumed["mean_loss"] == pytest.approx(full["mean_loss"], abs=1e-6)
+
+    # finished: the same round again is answered by its summary; other candidates train afresh
+    monkeypatch.setattr(BagelSrumLoss, "forward", lambda *a, **kw: pytest.fail("a finished round trained again"))
+    assert train_srum_round(release, cands, srum, ModelConfig(), tmp_path / "resumed", train=train) == resumed
+    monkeypatch.setattr(BagelSrumLoss, "forward", real_forward)
+    again = train_srum_round(release, cands[:2], srum.model_copy(update={"steps": 1}), ModelConfig(),
+                             tmp_path / "resumed", train=train)
+    assert again["steps"] == 1 and again["candidates"] == 2 and not (tmp_path / "resumed" / "ds_state").exists()
+
+
 def test_srum_freezing_on_the_bagel_family(release):
     from model.train import apply_freezing
 

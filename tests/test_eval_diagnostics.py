@@ -121,6 +121,7 @@ def test_the_contact_sheet_has_one_row_per_case(tmp_path):
 def test_the_report_section_reads_the_runs_metrics_and_copies_the_pictures(tmp_path):
     from dashboards import diagnostics as section
     from dashboards.report import Checkpoint
+    from data.layout import ArtifactLayout
 
     assert section.PREFIX == DIAG_PREFIX and section.DETAILS == FILES["details"]
     assert {k for _, k in section.COLUMNS} <= set(headline(
@@ -133,7 +134,7 @@ def test_the_report_section_reads_the_runs_metrics_and_copies_the_pictures(tmp_p
     (folder / "diagnostics.json").write_text(json.dumps({"pictures": {"contact_sheet": "contact_sheet.png",
                                                                       "overlay": "overlays/k.png"}}))
     ckpts = [Checkpoint("stage2_step1", "3", metrics={f"{DIAG_PREFIX}bridge_auc": 0.915}), Checkpoint("stage1_step1", "1")]
-    out = section.diagnostics_section(ckpts, tmp_path / "artifacts", tmp_path / "reports")
+    out = section.diagnostics_section(ckpts, ArtifactLayout.at(tmp_path / "artifacts"), tmp_path / "reports")
     first, second = out["rows"]
     assert first["cells"][0] == "0.92" and first["cells"][1] == "n/a" and second["cells"] is None
     assert (tmp_path / "reports" / first["contact_sheet"]).is_file() and first["overlay_name"] == "k"

@@ -31,9 +31,23 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+def _type_only(tree: ast.Module) -> set[ast.AST]:
+    """The nodes inside `if TYPE_CHECKING:` blocks: imports for annotations (the steps' `params: Params`), never run,
+    so no output goes stale when they change."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            found |= {n for stmt in node.body for n in ast.walk(stmt)}
+    return found
+
+
 def _imports(path: Path) -> set[str]:
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    type_only = _type_only(tree)
+    for node in ast.walk(tree):
+        if node in type_only:
+            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -133,3 +133,22 @@ def test_nothing_installed_reaches_into_tests():
 def test_every_module_imports(package):
     for name in (m for m in MODULES if m.split(".")[0] == package):
         importlib.import_module(name)
+
+
+def test_the_dashboards_read_the_registry_only_through_its_package():
+    """The dashboards read MLflow (through mlflow's client) and the artifacts (through data.layout's map); of the
+    registry they use the public vocabulary of `registry` itself (metric, tag and alias names, where the store is),
+    never one of its modules nor a private name."""
+    wrong = []
+    for name, path in MODULES.items():
+        if not name.startswith("dashboards"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "registry":
+                if node.module != "registry":
+                    wrong.append(f"{name} imports {node.module}")
+                wrong += [f"{name} imports registry.{a.name}" for a in node.names
+                          if a.name.startswith("_") or f"registry.{a.name}" in MODULES]
+            elif isinstance(node, ast.Import):
+                wrong += [f"{name} imports {a.name}" for a in node.names if a.name.startswith("registry.")]
+    assert not wrong, wrong

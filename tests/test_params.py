@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.params import Params, ParamsError, load_params
+from tasks.params import Params, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +51,24 @@ def test_malformed_override_and_missing_file(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_the_flows_use_the_one_root_params():
+    import flows.params
+    import tasks.params
+
+    assert flows.params.Params is Params and flows.params.load_params is load_params
+    assert flows.params.ParamsError is tasks.params.ParamsError
+
+
+def test_the_steps_and_benchmarks_annotate_their_params():
+    """Every `params` argument of a step (tasks/) or a benchmark is typed with the root Params."""
+    import ast
+
+    loose = []
+    for path in sorted([*(ROOT / "tasks").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                loose += [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}" for a in node.args.args + node.args.kwonlyargs
+                          if a.arg == "params" and not (isinstance(a.annotation, ast.Name) and a.annotation.id == "Params")]
+    assert not loose, loose

@@ -45,8 +45,9 @@ def repo(tmp_path_factory, bagel_release):
         shutil.copytree(bagel_release, ckpt)  # a checkpoint is a release directory
         (ckpt / "metrics.jsonl").write_text("\n".join(
             json.dumps({"step": s, "loss": 2.0 / s, "fm_loss": 1.5 / s, "und_loss": 0.5 / s}) for s in range(1, 21)))
-        # v1 names its summary at registration; v2 is found in evaluation.runner's layout, key `sample_images`
-        score_dir = artifacts / "scores" / name / (name if i else "")
+        # both where the evaluate step writes them (evaluation.runner's layout, data.layout's sconeeval_summary),
+        # the one place the report reads; v1 lists its samples under `samples`, v2 under `sample_images`
+        score_dir = artifacts / "scores" / name / name
         (score_dir / "samples").mkdir(parents=True)
         for j in range(3):
             Image.fromarray(np.full((32, 32, 3), 40 * j + 10 * i, np.uint8)).save(score_dir / "samples" / f"{j}.png")

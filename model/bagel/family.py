@@ -377,7 +377,7 @@ class BagelForTraining(nn.Module):
         return Path(out_dir)
 
     def weights_writer(self, out_dir: str | Path, max_shard_bytes: int | None = None) -> "TrainingReleaseWriter":
-        """A release directory written as weights arrive (model/train.py gathers ZeRO-3 weights group by group
+        """A release directory written as weights arrive (model/final_weights.py gathers ZeRO-3 weights group by group
         and hands each tensor over): see `TrainingReleaseWriter`."""
         writer = ReleaseWriter(Path(out_dir), self.config, self.bagel.special, weights_name=self.weights_name,
                                max_shard_bytes=max_shard_bytes, tokenizer_from=self.tokenizer_dir)
