@@ -28,7 +28,7 @@ from data.layout import CARD, CONTACT_SHEET, ArtifactLayout
 from evaluation.paper_results import SCONE_TABLE3
 # the metric and tag vocabulary shared with the tasks that log them (constants only: the report talks to MLflow itself)
 from registry import (CHAMPION_ALIAS, LOSS_METRICS, METRIC_TAG_PREFIX, MICO_COLUMNS, MIGE_COLUMNS, SCONEEVAL_OVERALL,
-                      SRUM_PREFIX, T2I_PREFIX, TABLE3_COLUMNS, TAG_CHAMPION_BEFORE, TAG_DECISION, TAG_KIND,
+                      SRUM_PREFIX, T2I_PREFIX, TABLE3_COLUMNS, UNDERSTANDING_PREFIX, TAG_CHAMPION_BEFORE, TAG_DECISION, TAG_KIND,
                       TAG_REASONS, TAG_STAGE, resolve_tracking_uri, sqlite_path)
 
 # Rows of the Scone paper's Table 3 (evaluation.paper_results; TABLE3_COLUMNS order) shown beside ours.
@@ -422,7 +422,9 @@ def build_report(artifacts: Path | ArtifactLayout, tracking_uri: str, model_name
         store_note=store_note, generated=dt.datetime.now().isoformat(timespec="seconds"),
         table3=_table3(ckpts), heldout=_heldout_tables(ckpts), overall=overall, gate=_gate(ckpts), curves=curves,
         prefix_tables=[_prefix_table(ckpts, SRUM_PREFIX, "srum", "SRUM", "SRUM rewards"),
-                       _prefix_table(ckpts, T2I_PREFIX, "t2i", "compositional T2I", "Compositional T2I")],
+                       _prefix_table(ckpts, T2I_PREFIX, "t2i", "compositional T2I", "Compositional T2I"),
+                       _prefix_table(ckpts, UNDERSTANDING_PREFIX, "understanding", "held-out understanding",
+                                     "Understanding (held-out accuracy per question type)")],
         ablation=_srum_ablation(layout, out_dir), samples=samples,
         diagnostics=diagnostics_section(ckpts, layout, out_dir),
         validation=_validation(layout, publish_dir), datacards=_datacards(layout, out_dir),

@@ -22,7 +22,7 @@ class DatasetSizes(Strict):
     t2i_pretrain: int = Field(384, ge=1, description="text-to-image rows (no references) over the seven T2I categories")
     und_pretrain: int = Field(2048, ge=1, description="understanding rows: images of the training combinations with "
                               "questions about them (data.understanding)")
-    und_heldout: int = Field(64, ge=1, description="held-out understanding images (held-out combinations), every "
+    und_heldout: int = Field(48, ge=1, description="held-out understanding images (held-out combinations), every "
                              "question type asked of each: the per-checkpoint understanding score")
     mico_bench_per_task: int = Field(1, ge=1, description="held-out MICo-Bench-layout cases per MICo sub-task (7) "
                                      "and De&Re (data.heldout)")

@@ -26,6 +26,9 @@ import numpy as np
 from data.catalog import UND_HELDOUT
 from data.understanding import QUESTION_TYPES, YES, answer_kind
 
+# Greedy decoding stops here: the longest one-word answer ("top left") is two tokens and <|im_end|>; anything longer
+# is wrong anyway, and a model that never closes its answer costs no more than this.
+MAX_ANSWER_TOKENS = 4
 PREFIX = "understanding."  # MLflow metric names (registry.UNDERSTANDING_PREFIX): understanding.colour.word, ...
 
 
@@ -34,7 +37,7 @@ class Answerer(Protocol):
 
     def yes_probability(self, images, questions) -> np.ndarray: ...
 
-    def answer(self, images, questions) -> list[str]: ...
+    def answer(self, images, questions, *, max_new_tokens: int) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ def answer_all(model: Answerer, questions: list[Question]) -> list[dict]:
     yes_no = [q for q in questions if q.kind == "yes_no"]
     words = [q for q in questions if q.kind == "word"]
     p_yes = model.yes_probability([q.image for q in yes_no], [q.question for q in yes_no]) if yes_no else []
-    said = model.answer([q.image for q in words], [q.question for q in words]) if words else []
+    said = model.answer([q.image for q in words], [q.question for q in words],
+                        max_new_tokens=MAX_ANSWER_TOKENS) if words else []
     given = {q.key: {"answer": YES if p >= 0.5 else "no", "p_yes": round(float(p), 6)} for q, p in zip(yes_no, p_yes)}
     given |= {q.key: {"answer": a} for q, a in zip(words, said)}
     return [{"key": q.key, "type": q.type, "kind": q.kind, "question": q.question, "expected": q.answer,

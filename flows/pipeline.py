@@ -1,6 +1,6 @@
 """The whole chain as one Prefect flow: the stages of `dvc.yaml`, in its order, with DVC deciding what is stale.
 
-build_data -> validate_data -> bootstrap (tokenizer, autoencoder, release) -> stage1_step1 -> stage1_step2 -> stage2_step1 (bridge) -> stage2_step2
+build_data -> validate_data -> bootstrap (tokenizer, autoencoder, release) -> und_pretrain -> stage1_step1 -> stage1_step2 -> stage2_step1 (bridge) -> stage2_step2
 -> srum rounds -> evaluate (each checkpoint) -> register + gate (each checkpoint, in order) -> report
 
 Each step asks DVC whether its stage is up to date (code, params and upstream outputs, as `dvc.yaml` lists them);

@@ -65,9 +65,10 @@ def _adapt_case(release_dir: Path, case_dir: Path) -> None:
     for name in case["references"]:
         Image.open(FIXTURE / name).convert("RGB").resize((side, side), Image.BILINEAR).save(case_dir / name)
     gen = torch.Generator().manual_seed(0)
-    save_file({"x_t": torch.randn(rows // p * (cols // p), p * p * z, generator=gen),
+    # latent_grid counts tokens (each p x p latent pixels); the decoder takes the latent itself
+    save_file({"x_t": torch.randn(rows * cols, p * p * z, generator=gen),
                "t": torch.tensor([float(case["t"])]),
-               "ae_decode_in": torch.randn(z, rows, cols, generator=gen),
+               "ae_decode_in": torch.randn(z, rows * p, cols * p, generator=gen),
                "instruction_ids": torch.tensor(m.frame_text(release.encode_text(case["instruction"])))},
               str(case_dir / "inputs.safetensors"))
 

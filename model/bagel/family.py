@@ -256,12 +256,22 @@ class BagelForTraining(nn.Module):
             labels.extend(framed[1:])
             samples.append(sample)
 
+        latent_keepalive = None
+        if not gens:
+            # an understanding-only batch: one zero latent token in a sample of its own, weight 0 in the loss, so the
+            # generation expert, vae2llm, the timestep embedder, the latent table and llm2vae run as in any batch
+            # (every module once per forward on every rank, see _hidden_states)
+            latent_keepalive = PackedSample()
+            m.add_latent(latent_keepalive, torch.zeros(1, m.vae2llm.in_features, device=device, dtype=dtype), 1, 1,
+                         timestep=0.0)
+            samples.append(latent_keepalive)
+
         hook = None
         if bridge is not None:
             # only generation samples: an understanding sample's last text is its answer, not an instruction
             hook = BridgeHook.from_config(bridge, samples, m.special, cfg.llm.num_hidden_layers,
                                           straight_through=straight_through,
-                                          only=[True] * len(gens) + [False] * len(qas))
+                                          only=[True] * len(gens) + [False] * (len(samples) - len(gens)))
         hidden, keepalive = self._hidden_states(samples, hook)
         out = {"t": t, "x_t": x_ts, "drop_image": drop_image, "drop_text": drop_text, "velocity": None,
                "velocity_target": None, "logits": None, "labels": None,
@@ -270,8 +280,9 @@ class BagelForTraining(nn.Module):
             h = torch.cat([hidden[k][idx.to(device)] for k, idx in enumerate(targets)])
             out["velocity"] = m.llm2vae(h)
             out["velocity_target"] = torch.cat(velocity_targets)
-        else:  # an understanding-only batch: llm2vae still runs (on one token, weight 0), see _hidden_states
-            keepalive = keepalive + 0.0 * m.llm2vae(hidden[0][:1]).float().sum()
+        else:  # the one-token latent sample's velocity, weight 0
+            index = latent_keepalive.vae_images[0].index.to(device)
+            keepalive = keepalive + 0.0 * m.llm2vae(hidden[-1][index]).float().sum()
         if qas:
             h = torch.cat([hidden[len(gens) + j][idx.to(device)] for j, idx in enumerate(answers)])
             out["logits"] = m.language_model.lm_head(h)
@@ -315,17 +326,14 @@ class BagelForTraining(nn.Module):
             keepalive = keepalive + 0.0 * (dummy + m.vit_pos_embed(pos)).float().sum()
 
         vae = [(o, im) for o, s in zip(offsets, samples) for im in s.vae_images]
-        if vae:
-            pos = torch.cat([im.position_ids for _, im in vae]).to(device)
-            t = torch.cat([torch.full((im.tokens.shape[0],), im.timestep) for _, im in vae]).to(device)
-            tokens = torch.cat([im.tokens for _, im in vae]).to(device, dtype)
-            x[torch.cat([o + im.index for o, im in vae]).to(device)] = (
-                m.vae2llm(tokens) + m.time_embedder(t) + m.latent_pos_embed(pos))
-        else:  # understanding samples only: the latent modules run on one dummy token, as the ViT above
-            pos = torch.zeros(1, dtype=torch.long, device=device)
-            dummy = (m.vae2llm(torch.zeros(1, m.vae2llm.in_features, dtype=dtype, device=device))
-                     + m.time_embedder(torch.zeros(1, device=device)) + m.latent_pos_embed(pos))
-            keepalive = keepalive + 0.0 * dummy.float().sum()
+        if not vae:
+            raise ValueError("a BAGEL training batch needs at least one latent image (every generation sample has "
+                             "one; packed_forward gives an understanding-only batch a one-token latent sample)")
+        pos = torch.cat([im.position_ids for _, im in vae]).to(device)
+        t = torch.cat([torch.full((im.tokens.shape[0],), im.timestep) for _, im in vae]).to(device)
+        tokens = torch.cat([im.tokens for _, im in vae]).to(device, dtype)
+        x[torch.cat([o + im.index for o, im in vae]).to(device)] = (
+            m.vae2llm(tokens) + m.time_embedder(t) + m.latent_pos_embed(pos))
 
         gen_mask = torch.cat([s.gen_mask() for s in samples]).to(device)
         positions = torch.tensor([q for s in samples for q in s.position_ids], device=device)
