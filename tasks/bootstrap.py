@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from prefect import task
 
 from tasks.atomic import publish, staged
+from data.catalog import HELDOUT_BENCHES
 from tasks.paths import DATASETS, Paths
 
 if TYPE_CHECKING:  # a type only: the root params pull in every package's config
@@ -30,8 +31,11 @@ def tokenizer_step(params: Params) -> dict:
 
     _check_bootstrapped(params)
     paths = Paths.from_params(params)
-    # every parquet dataset the chain builds (the benchmark's and SRUM's prompts are read from their own files)
-    texts = subject_world_texts(paths.data, [d for d in DATASETS if d not in ("sconeeval_bench", "srum_prompts")])
+    # every parquet dataset the chain builds (the benchmark's and SRUM's prompts are read from their own files;
+    # the MICo-Bench and MIGE-Bench cases are held-out benchmark folders, not parquet: byte-level BPE spells their
+    # few prompts from the same subject-world words anyway)
+    texts = subject_world_texts(paths.data, [d for d in DATASETS
+                                             if d not in ("sconeeval_bench", "srum_prompts", *HELDOUT_BENCHES)])
     out = paths.bootstrap / "tokenizer"
     with staged(paths.root, "tokenizer") as tmp:
         train_tokenizer(texts, tmp / "tokenizer", params.model.bootstrap.tokenizer_vocab_size)

@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = {
     "data": {"sizes": {"base": 24, "multi_candidate": 24, "bench_per_task": 2, "srum_prompts": 7, "mico": 9, "mige_edit": 4,
-                       "t2i_pretrain": 14}},
+                       "t2i_pretrain": 14, "und_pretrain": 16, "und_heldout": 4}},
     # the release the chain starts from: a tokenizer, a briefly trained autoencoder, fresh weights
     "model": {"bootstrap": {"autoencoder": {"steps": 4, "batch_size": 4}}},
     "train": {"micro_batch": 4, "save_every": 2, "stages": {
+        "und_pretrain": {"steps": 3, "warmup_steps": 0},
         "stage1_step1": {"steps": 6, "warmup_steps": 1},
         "stage1_step2": {"steps": 3, "warmup_steps": 0},
         "stage2_step1": {"steps": 3, "warmup_steps": 0},
@@ -27,6 +28,7 @@ SMALL = {
     "eval": {"rounds": 1, "scorings": 2, "sampling": {"steps": 3}},
     "registry": {"gate": {"min_overall": 0.0}},
 }
+# the generation checkpoints (scored on SconeEval, registered); und_pretrain before them is scored on understanding only
 CHECKPOINTS = ["stage1_step1", "stage1_step2", "stage2_step1", "stage2_step2", "srum_round1"]
 
 

@@ -34,4 +34,4 @@ def test_inspect_command(capsys):
 def test_presets_are_consistent():
     cfg = preset("bagel-7b")
     assert cfg.llm.head_dim == 128 and cfg.vit.used_layers == 26 and cfg.latent_downsample == 16
-    assert preset("tiny").patch_latent_dim == 4 and preset("tiny").latent_downsample == 4
+    assert preset("tiny").patch_latent_dim == 16 and preset("tiny").latent_downsample == 4  # 2 x 2 patches of 4

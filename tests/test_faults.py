@@ -96,12 +96,13 @@ def test_kill9_at_several_points_then_rerun_matches_an_uninterrupted_run(referen
 
 
 # which stages DVC must see stale when one file of a package changes (the others follow by their inputs)
-SCORES = {evaluate_stage(n) for n in CHECKPOINTS}
+SCORES = {evaluate_stage(n) for n in ("und_pretrain", *CHECKPOINTS)}  # und_pretrain: scored on understanding
 EDITS = {
     "evaluation/sconeeval.py": {"srum@srum_round1", *SCORES},
     # register too: the logged MLflow model generates its input example with the project's pipeline; the
     # bootstrap stages (tokenizer, autoencoder, release) name only the files they import, not the sampler
-    "model/bagel/generate.py": {"srum@srum_round1", "register", *(f"train@{s}" for s in CHECKPOINTS[:4]), *SCORES},
+    "model/bagel/generate.py": {"srum@srum_round1", "register", *(f"train@{s}" for s in ("und_pretrain", *CHECKPOINTS[:4])),
+                                *SCORES},
     "registry/gate.py": {"register", "report"},
     "dashboards/report.py": {"report"},
     "tasks/evaluate.py": SCORES,

@@ -70,7 +70,10 @@ def test_every_checkpoint_is_a_registered_version_with_a_gate_decision(clone):
     n = con.execute("select count(*) from metrics where run_uuid=? and key='loss'", (run_id,)).fetchone()[0]
     assert n >= 1
     runs = dict(con.execute("select run_uuid, status from runs"))
-    assert set(runs) == {r for _, r in versions} and set(runs.values()) == {"FINISHED"}
+    und = json.loads((root / "artifacts/checkpoints/und_pretrain/mlflow_run.json").read_text())["run_id"]
+    assert set(runs) == {r for _, r in versions} | {und} and set(runs.values()) == {"FINISHED"}  # und_pretrain: a run,
+    assert con.execute("select count(*) from metrics where run_uuid=? and key='understanding.yes_no'",  # no version
+                       (und,)).fetchone()[0] == 1
     for name in ("stage1_step1", "srum_round1"):
         recorded = json.loads((root / "artifacts/checkpoints" / name / "mlflow_run.json").read_text())["run_id"]
         assert recorded in runs
