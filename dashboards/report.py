@@ -10,6 +10,9 @@ autoescaped); this module gathers what they show. The Data validation section li
 Data Docs of the validate stage (artifacts/validation/gx/) by a relative link from the published folder.
 
     python -m dashboards.report --artifacts artifacts --data artifacts/data --model scone-tiny
+
+Over 400 lines on purpose: the report's data gathering for every section in one place; rendering is in the jinja2
+templates and dashboards/diagnostics.py.
 """
 from __future__ import annotations
 

@@ -29,6 +29,9 @@ rejects is asked again.
 Endpoint: the configured `base_url`, else OPENAI_BASE_URL, else api.openai.com. Key: the explicit one, else
 the environment variable `api_key_env` (OPENAI_API_KEY); a loopback endpoint (127.0.0.1, localhost, ::1)
 without one gets a placeholder, any other fails when the client is built.
+
+Over 400 lines on purpose: endpoint rules, retries, concurrency and cost accounting are one contract every caller
+relies on together (the cache lives in data/openai_cache.py).
 """
 from __future__ import annotations
 

@@ -19,6 +19,9 @@ a pandas dataframe asset, and the Checkpoint's UpdateDataDocsAction renders the 
 (gx/uncommitted/data_docs/local_site/index.html, recorded as `data_docs` in <name>.json). The GX store keeps the
 results of a dataset's latest validation only (its full rows and, after a quarantine, its clean rows); run ids
 and timestamps inside it matter to nothing downstream (training reads validation/quarantine/ only).
+
+Over 400 lines on purpose: the Great Expectations suites and the per-row checks GX cannot express decide quarantine
+together; one module keeps their verdicts consistent.
 """
 from __future__ import annotations
 

@@ -26,6 +26,9 @@ Three pieces, all on the SconeEval benchmark the evaluate step has just scored (
 
 `run_diagnostics` writes the pictures and `diagnostics.json` (per case) into a folder and returns the result;
 `headline` is the flat metrics dict (the DVC metrics file), `mlflow_metrics` the same under DIAG_PREFIX.
+
+Over 400 lines on purpose: the three diagnostics (bridge localisation, self-judge agreement, contact sheet) share
+the case and ground-truth handling; each is a short section.
 """
 from __future__ import annotations
 

@@ -51,6 +51,9 @@ data root) are skipped, and a row that fails to decode when it is reached is ski
 than max_quarantine_fraction of its dataset is lost; past it, DataDecodeError names the dataset, the shard file,
 the row and its key, and the fix. `load_examples` decodes whole datasets with the same rules, checking the
 fraction after reading all of it.
+
+Over 400 lines on purpose: lanes, shuffling windows, mixtures, quarantine and resume positions are one determinism
+contract (the same batches for any worker count, exact resume); split, that contract would span files.
 """
 from __future__ import annotations
 

@@ -20,10 +20,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from data.formats.jsonl import read_jsonl
+from data.formats.sconeeval import rows_with_truth
 from data.records import Case
 from data.render import render
-from data.scene import Scene
 
 DATA_FIELDS = ("key", "category", "sub_task", "composition_type", "instruction", "input_images", "face_indices",
                "reference_image", "subject_list", "subject_label")
@@ -80,24 +79,9 @@ def read_mico_bench(dir: str | Path) -> list[Case]:
     """Cases of a MICo-Bench-layout folder; meta carries category, face_indices, input_images and reference_image
     (absolute paths)."""
     root = Path(dir)
-    data_path = root / "data.jsonl"
-    if not data_path.exists():
-        raise FileNotFoundError(f"{data_path} not found: expected a MICo-Bench-layout folder (scone data build mico_bench)")
-    truth_path = root / "ground_truth.jsonl"
-    truth = {t["key"]: t for t in read_jsonl(truth_path)} if truth_path.exists() else {}
     cases = []
-    for n, row in enumerate(read_jsonl(data_path), start=1):
-        missing = [f for f in DATA_FIELDS if f not in row]
-        if missing:
-            raise ValueError(f"{data_path}:{n}: missing fields {missing}")
-        gt = truth.get(row["key"])
-        inputs = [str(root / p) for p in row["input_images"]]
-        if gt:
-            references = [Scene.from_dict(s) for s in gt["references"]]
-            target = Scene.from_dict(gt["target"])
-            qa, meta = gt.get("qa", []), dict(gt.get("meta", {}))
-        else:
-            references, target, qa, meta = [None] * len(inputs), None, [], {}
+    for row, inputs, references, target, qa, meta in rows_with_truth(
+            root, DATA_FIELDS, "MICo-Bench-layout folder (scone data build mico_bench)"):
         meta.update(input_images=inputs, reference_image=str(root / row["reference_image"]), category=row["category"],
                     face_indices=list(row["face_indices"]))
         cases.append(Case(key=str(row["key"]), task_type=row["sub_task"], case_type=row["composition_type"],

@@ -69,20 +69,17 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def read_bench(dir: str | Path) -> list[Case]:
-    """Cases of a benchmark directory; scene graphs are None when ground_truth.jsonl is absent.
-
-    meta['input_images'] holds the absolute image paths (see `load_inputs`).
-    """
-    root = Path(dir)
+def rows_with_truth(root: Path, fields, layout: str):
+    """(row, input image paths, reference scenes, target scene, qa, meta) per line of `root/data.jsonl`, joined
+    with `root/ground_truth.jsonl` by key when it exists (else scenes None, qa empty); a line missing one of
+    `fields` is an error naming the file, line and fields. Shared by the benchmark layouts built on this one."""
     data_path = root / "data.jsonl"
     if not data_path.exists():
-        raise FileNotFoundError(f"{data_path} not found: expected a SconeEval-layout directory")
+        raise FileNotFoundError(f"{data_path} not found: expected a {layout}")
     truth_path = root / "ground_truth.jsonl"
     truth = {t["key"]: t for t in read_jsonl(truth_path)} if truth_path.exists() else {}
-    cases = []
     for n, row in enumerate(read_jsonl(data_path), start=1):
-        missing = [f for f in DATA_FIELDS if f not in row]
+        missing = [f for f in fields if f not in row]
         if missing:
             raise ValueError(f"{data_path}:{n}: missing fields {missing}")
         gt = truth.get(row["key"])
@@ -93,6 +90,17 @@ def read_bench(dir: str | Path) -> list[Case]:
             qa, meta = gt.get("qa", []), dict(gt.get("meta", {}))
         else:
             references, target, qa, meta = [None] * len(inputs), None, [], {}
+        yield row, inputs, references, target, qa, meta
+
+
+def read_bench(dir: str | Path) -> list[Case]:
+    """Cases of a benchmark directory; scene graphs are None when ground_truth.jsonl is absent.
+
+    meta['input_images'] holds the absolute image paths (see `load_inputs`).
+    """
+    cases = []
+    for row, inputs, references, target, qa, meta in rows_with_truth(Path(dir), DATA_FIELDS,
+                                                                       "SconeEval-layout directory"):
         meta["input_images"] = inputs
         cases.append(
             Case(

@@ -21,6 +21,9 @@ self judge does (score = 2 P(yes) - 1); `openai` sends JSON-answer requests thro
 after the paper's two scoring guides (our wording). evaluation.srum turns the judgments into reward records.
 The three backends of the protocol stay side by side in this one module (about 430 lines): each reads best next
 to the bands the others implement.
+
+Over 400 lines on purpose: the three SRUM reward judges share region proposals and prompts; kept beside each other
+so their reward scales stay comparable.
 """
 from __future__ import annotations
 

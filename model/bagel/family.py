@@ -67,6 +67,9 @@ finished stage would not be recognised and would train again). Release directori
 `mark_release(directory)` adds one to a downloaded release before it is used as an init checkpoint. The clean fix
 in train.py: let the family say what a checkpoint is (e.g. `ModelFamily.is_checkpoint(path)`, default
 `(path / "config.json").exists()`), used by the init check and by `finished_summary`.
+
+Over 400 lines on purpose: the family's training-side contract (loss, packed forward, IO, collate) is what
+model/train.py's recipes call through one seam; splitting it would split that seam.
 """
 from __future__ import annotations
 

@@ -14,6 +14,9 @@ never exists whole on any rank.
 
 Writing (`save_release`, or `ReleaseWriter` for savers that gather a model piece by piece) streams the unified
 model's tensors into shards as they arrive (`ShardedWriter`): one shard is held at a time, never the model.
+
+Over 400 lines on purpose: reading and writing the release layout (strict keys, shards, index, dtypes, meta-device
+loading) must stay one place so a round trip is exact by construction.
 """
 from __future__ import annotations
 
