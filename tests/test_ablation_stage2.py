@@ -22,11 +22,11 @@ def test_every_version_trains_from_stage1_and_is_scored(bagel_release, tmp_path)
         "pipeline.artifacts": str(art), "data.root": str(art / "data"), "data.num_workers": "1",
         "data.sizes.base": "16", "data.sizes.multi_candidate": "16", "data.sizes.t2i_pretrain": "16",
         "data.sizes.bench_per_task": "1", "eval.sampling.steps": "2", "train.micro_batch": "4",
-        "data.sizes.mico": "8", "data.sizes.mige_edit": "4",
+        "data.sizes.mico": "8", "data.sizes.mige_edit": "4", "data.sizes.und_pretrain": "8",
     })
-    # every dataset of the Stage II steps' mixtures (stage2_step2 mixes in MICo and MIGE rows)
+    # every dataset of the Stage II steps' mixtures (MICo, MIGE and understanding rows ride along)
     for name in ("scone_single_candidate_base", "scone_single_candidate_refined", "scone_multi_candidate",
-                 "t2i_pretrain", "mico", "mige_edit", "sconeeval_bench"):
+                 "t2i_pretrain", "mico", "mige_edit", "und_pretrain", "sconeeval_bench"):
         build_dataset(name, params.data)
     with pytest.raises(FileNotFoundError, match="stage1_step2 holds no checkpoint"):
         run(params, art / "bench" / "ablation-stage2.json", steps=1, seeds=(0,), taus=(0.5,))
