@@ -223,8 +223,10 @@ def test_concurrent_registers_and_pipelines_leave_no_duplicate(reference):
 
     # a behaviour change in a score formula, run by one pipeline while a second one tries to start: the second
     # is refused, the first re-scores (and only re-scores) and the registry shows the recomputed numbers
-    sconeeval = root / "evaluation/sconeeval.py"
-    sconeeval.write_text(sconeeval.read_text().replace("return math.sqrt(pf * sc)", "return 1.0 + math.sqrt(pf * sc)"))
+    formula = root / "evaluation/results.py"  # com_score, which SconeEval's summary uses
+    before = formula.read_text()
+    formula.write_text(before.replace("return math.sqrt(pf * sc)", "return 1.0 + math.sqrt(pf * sc)"))
+    assert formula.read_text() != before, "the COM formula moved: point this edit at its new home"
     first = subprocess.Popen(["scone", "pipeline"], cwd=root, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
