@@ -16,11 +16,10 @@ face, whose weight is graded by identity similarity instead of a yes/no answer).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from data.formats.sconeeval import rows_with_truth
+from data.formats.sconeeval import rows_with_truth, write_layout
 from data.records import Case
 from data.render import render
 
@@ -32,10 +31,6 @@ def _clear(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.png"):
         stale.unlink()
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def face_indices(case: Case) -> list[int]:
@@ -65,13 +60,7 @@ def write_mico_bench(cases: Iterable[Case], dir: str | Path) -> Path:
             "subject_list": case.subject_list, "subject_label": case.subject_label,
         })
         truth_lines.append({"key": case.key, **case.scene_graph(), "qa": [list(p) for p in case.qa], "meta": case.meta})
-    if not data_lines:
-        raise ValueError(f"MICo benchmark {out}: no cases to write")
-    keys = [d["key"] for d in data_lines]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"MICo benchmark {out}: duplicate keys")
-    _write_jsonl(out / "data.jsonl", data_lines)
-    _write_jsonl(out / "ground_truth.jsonl", truth_lines)
+    write_layout(out, data_lines, truth_lines, "MICo benchmark")
     return out / "data.jsonl"
 
 

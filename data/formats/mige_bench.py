@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from data.formats.jsonl import read_jsonl
+from data.formats.sconeeval import write_layout
 from data.instructions import IMAGE_PLACEHOLDER
 from data.records import Case
 from data.render import own_mask, render, render_array
@@ -104,13 +105,7 @@ def write_mige_bench(cases: Iterable[Case], dir: str | Path) -> Path:
             "instruction": case.instruction, "input_images": inputs,
         })
         truth_lines.append({"key": case.key, **case.scene_graph(), "qa": [list(p) for p in case.qa], "meta": case.meta})
-    if not data_lines:
-        raise ValueError(f"MIGE benchmark {out}: no cases to write")
-    keys = [d["key"] for d in data_lines]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"MIGE benchmark {out}: duplicate keys")
-    for path, rows in ((out / "data.jsonl", data_lines), (out / "ground_truth.jsonl", truth_lines)):
-        path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    write_layout(out, data_lines, truth_lines, "MIGE benchmark")
     return out / "data.jsonl"
 
 

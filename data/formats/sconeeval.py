@@ -55,18 +55,24 @@ def write_bench(cases: Iterable[Case], dir: str | Path) -> Path:
             }
         )
         truth_lines.append({"key": case.key, **case.scene_graph(), "qa": [list(p) for p in case.qa], "meta": case.meta})
-    if not data_lines:
-        raise ValueError(f"benchmark {out}: no cases to write")
-    keys = [d["key"] for d in data_lines]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"benchmark {out}: duplicate keys")
-    _write_jsonl(out / "data.jsonl", data_lines)
-    _write_jsonl(out / "ground_truth.jsonl", truth_lines)
+    write_layout(out, data_lines, truth_lines, "benchmark")
     return out / "data.jsonl"
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def write_layout(out: Path, data_lines: list[dict], truth_lines: list[dict], what: str) -> None:
+    """`out/data.jsonl` and `out/ground_truth.jsonl`, refusing an empty or key-duplicating benchmark (`what` names
+    it in the error). Shared by the benchmark layouts built on this one."""
+    if not data_lines:
+        raise ValueError(f"{what} {out}: no cases to write")
+    keys = [d["key"] for d in data_lines]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{what} {out}: duplicate keys")
+    _write_jsonl(out / "data.jsonl", data_lines)
+    _write_jsonl(out / "ground_truth.jsonl", truth_lines)
 
 
 def rows_with_truth(root: Path, fields, layout: str):
