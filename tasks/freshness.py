@@ -8,12 +8,19 @@ only ever describes outputs made from the inputs it names. The steps themselves 
 
 A pipeline run whose parameters are not exactly `params.yaml` (`--set` overrides, another params file) cannot
 use that record: every step recomputes and nothing is recorded (`Ledger.disabled`).
+
+DVC rewrites dvc.lock in place, so a kill -9 during a commit can leave it cut short, and then every later DVC call
+fails on it. Before each commit the ledger keeps an atomic copy of the record as it was (`.dvc/tmp/dvc.lock.good`);
+a ledger that finds dvc.lock unreadable puts that copy back and says so. Only the interrupted stage is lost from
+the record, so that one step runs again; nothing already recorded is.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +85,32 @@ def stage_target(root: Path, stage: str) -> str:
     return f"{Path(root).resolve() / 'dvc.yaml'}:{stage}"
 
 
+LOCK_BACKUP = Path(".dvc") / "tmp" / "dvc.lock.good"
+
+
+def lock_is_readable(path: Path) -> bool:
+    """Whether `path` is a dvc.lock DVC can read, judged by DVC's own lockfile schema."""
+    from dvc.exceptions import DvcException
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+    from dvc.utils import strictyaml
+
+    try:
+        strictyaml.load(str(path), COMPILED_LOCKFILE_SCHEMA)
+    except (OSError, UnicodeDecodeError, DvcException):
+        return False
+    return True
+
+
+def keep_copy(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` so that `dst` is always whole: written aside, synced, then renamed over."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
 @dataclass
 class Ledger:
     """Answers "must this stage run?" and records a recomputed stage, from the DVC project at `root`."""
@@ -108,10 +141,27 @@ class Ledger:
 
         return Repo(str(self.root))
 
+    def heal_record(self) -> None:
+        """Put back the last whole dvc.lock when an interrupted commit left it unreadable; fail with the fix
+        when there is no copy to put back."""
+        lock, backup = self.root / "dvc.lock", self.root / LOCK_BACKUP
+        if not lock.exists() or lock_is_readable(lock):
+            return
+        if backup.exists() and lock_is_readable(backup):
+            os.replace(lock, lock.with_name("dvc.lock.broken"))
+            keep_copy(backup, lock)
+            logging.getLogger(__name__).warning(
+                "dvc.lock was unreadable (a commit was interrupted); restored the record from before that commit "
+                "(%s). The interrupted stage will run again; the broken file is kept as dvc.lock.broken.", backup)
+            return
+        raise DvcError(f"{lock} is unreadable and there is no whole copy at {backup} to restore: move dvc.lock "
+                       "aside and rerun; every stage then recomputes once and is recorded afresh")
+
     def changes(self, stage: str) -> list:
         """What DVC sees changed for `stage` (empty: up to date). A disabled ledger sees everything changed."""
         if not self.enabled:
             return [f"not checked: {self.reason}"]
+        self.heal_record()
         with dvc_errors(f"status {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
             status = repo.status(targets=[stage_target(self.root, stage)])
         return [c for entries in status.values() for c in entries]
@@ -121,6 +171,10 @@ class Ledger:
         Call only right after the stage's step has recomputed its outputs."""
         if not self.enabled:
             return
+        self.heal_record()
+        lock = self.root / "dvc.lock"
+        if lock.exists():
+            keep_copy(lock, self.root / LOCK_BACKUP)
         with dvc_errors(f"commit {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
             repo.commit(stage_target(self.root, stage), force=True)
 

@@ -49,3 +49,28 @@ def test_a_dvc_failure_carries_dvcs_own_message(project):
     with pytest.raises(DvcError, match="step.size"):
         _make(project)
         ledger.record("make")
+
+
+def test_a_dvc_lock_cut_short_by_a_killed_commit_is_restored_and_only_that_stage_reruns(project, caplog):
+    yaml_text = yaml.safe_dump({"stages": {
+        "make": {"cmd": "python code.py", "deps": ["code.py"], "outs": ["out.txt"]},
+        "second": {"cmd": "python code.py", "deps": ["code.py"], "outs": ["second.txt"]}}})
+    (project / "dvc.yaml").write_text(yaml_text)
+    ledger = Ledger.for_run(project, project / "params.yaml", None)
+    assert ledger.run_if_stale("make", _make, project) == "ran"
+    (project / "second.txt").write_text("second\n")
+    ledger.record("second")  # the commit that was "killed": its copy of the record before it is kept
+    lock = project / "dvc.lock"
+    whole = lock.read_text()
+    lock.write_text(whole[: len(whole) // 3])  # what a kill -9 mid-write leaves
+    again = Ledger.for_run(project, project / "params.yaml", None)
+    assert again.changes("make") == []  # the record before the interrupted commit is back
+    assert again.changes("second")  # the interrupted stage is stale again, so it reruns
+    assert (project / "dvc.lock.broken").read_text() == whole[: len(whole) // 3]
+    assert "restored the record" in caplog.text
+
+
+def test_an_unreadable_dvc_lock_without_a_copy_names_the_file_and_the_fix(project):
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages:\n  make: [unclosed\n")
+    with pytest.raises(DvcError, match="dvc.lock is unreadable.*move dvc.lock aside"):
+        Ledger.for_run(project, project / "params.yaml", None).changes("make")
