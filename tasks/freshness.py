@@ -148,8 +148,8 @@ class Ledger:
         if not lock.exists() or lock_is_readable(lock):
             return
         if backup.exists() and lock_is_readable(backup):
-            os.replace(lock, lock.with_name("dvc.lock.broken"))
-            keep_copy(backup, lock)
+            shutil.copyfile(lock, lock.with_name("dvc.lock.broken"))
+            keep_copy(backup, lock)  # atomic: a kill here leaves the broken record or the whole one, never none
             logging.getLogger(__name__).warning(
                 "dvc.lock was unreadable (a commit was interrupted); restored the record from before that commit "
                 "(%s). The interrupted stage will run again; the broken file is kept as dvc.lock.broken.", backup)
