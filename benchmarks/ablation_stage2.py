@@ -101,7 +101,7 @@ def run(params: Params, out: Path, steps: int = DEFAULT_STEPS, seeds=DEFAULT_SEE
                                 f"train@{STAGE1_FINAL}`) first")
     base = paths.release(params)
     if not is_release_dir(base):
-        raise FileNotFoundError(f"{base} holds no release directory: run `scone bootstrap tokenizer|autoencoder|"
+        raise FileNotFoundError(f"{base} holds no release directory: run `scone bootstrap tokenizer|autoencoder|vit|"
                                 "release` (or point model.release at a downloaded one)")
     model_cfg = params.model
 

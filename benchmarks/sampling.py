@@ -84,7 +84,7 @@ def load_bench_pipeline(params: Params, device: str = "cpu") -> tuple[object, st
     if is_release_dir(release):
         return load_pipeline(release, settings, device=device), f"release {release} (no {STAGE2_FINAL} checkpoint)"
     raise FileNotFoundError(f"neither {ckpt} nor the release {release} is there: run `scone bootstrap "
-                            "tokenizer|autoencoder|release` (or point model.release at a downloaded release)")
+                            "tokenizer|autoencoder|vit|release` (or point model.release at a downloaded release)")
 
 
 class PhaseTimer:

@@ -52,24 +52,6 @@ FILES = {"details": "diagnostics.json", "contact_sheet": "contact_sheet.png", "o
 # ---------------------------------------------------------------------------------------- ground truth per token
 
 
-def token_cover(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Share of each token's pixels that `mask` (H x W, bool) covers, on a (rows, cols) token grid (area average,
-    as the pipeline's resize of the image onto the model's side maps pixels to tokens)."""
-    m = np.asarray(mask, dtype=np.float32)
-    rows, cols = grid
-    h, w = m.shape
-    if h % rows == 0 and w % cols == 0:
-        return m.reshape(rows, h // rows, cols, w // cols).mean(axis=(1, 3))
-    return (_area_weights(rows, h) @ m @ _area_weights(cols, w).T).astype(np.float32)
-
-
-def _area_weights(n: int, size: int) -> np.ndarray:
-    """(n, size): share of token i's span [i size / n, (i + 1) size / n) that pixel p's [p, p + 1) covers."""
-    edges = np.arange(n + 1) * size / n
-    lo, hi = np.maximum(edges[:-1, None], np.arange(size)[None]), np.minimum(edges[1:, None], np.arange(size)[None] + 1)
-    return np.clip(hi - lo, 0, None) / (size / n)
-
-
 @dataclass(frozen=True)
 class TokenLabels:
     referred: np.ndarray  # bool (rows, cols): the referred subject's tokens
@@ -79,7 +61,7 @@ class TokenLabels:
 
 def token_labels(scene, referred: int, grid: tuple[int, int], min_cover: float = MIN_COVER) -> TokenLabels:
     """Who each token of a reference scene belongs to (module docstring), from its rendered subject masks."""
-    from data.render import subject_mask
+    from data.render import subject_mask, token_cover
 
     ref = token_cover(subject_mask(scene, referred), grid)
     dis = np.zeros_like(ref)

@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON output (default: artifacts/bench/<name>.json)")
 
     p = sub.add_parser("bootstrap", help="make the release directory the chain starts from (tokenizer, "
-                       "autoencoder, release), as a GPU user downloads theirs")
+                       "autoencoder, ViT, release), as a GPU user downloads theirs")
     _common(p)
-    p.add_argument("part", choices=["tokenizer", "autoencoder", "release"])
+    p.add_argument("part", choices=["tokenizer", "autoencoder", "vit", "release"])
 
     mdl = sub.add_parser("model", help="the BAGEL model family: parity against a fixture, size of a preset")
     mdl_sub = mdl.add_subparsers(dest="action", required=True)
@@ -212,10 +212,10 @@ WRITERS = ("data", "bootstrap", "train", "eval", "srum", "register", "report", "
 def _run(args, params) -> int:
     cmd = args.command
     if cmd == "bootstrap":
-        from tasks import bootstrap
+        from tasks import bootstrap, bootstrap_vit
 
         step = {"tokenizer": bootstrap.tokenizer_step, "autoencoder": bootstrap.autoencoder_step,
-                "release": bootstrap.release_step}[args.part]
+                "vit": bootstrap_vit.vit_step, "release": bootstrap.release_step}[args.part]
         print(json.dumps(step(params), indent=1, default=str))
         return 0
     if cmd == "pipeline":

@@ -1,6 +1,6 @@
 """The whole chain as one Prefect flow: the stages of `dvc.yaml`, in its order, with DVC deciding what is stale.
 
-build_data -> validate_data -> bootstrap (tokenizer, autoencoder, release) -> und_pretrain -> stage1_step1 -> stage1_step2 -> stage2_step1 (bridge) -> stage2_step2
+build_data -> validate_data -> bootstrap (tokenizer, autoencoder, ViT, release) -> und_pretrain -> stage1_step1 -> stage1_step2 -> stage2_step1 (bridge) -> stage2_step2
 -> srum rounds -> evaluate (each checkpoint) -> register + gate (each checkpoint, in order) -> report
 
 Each step asks DVC whether its stage is up to date (code, params and upstream outputs, as `dvc.yaml` lists them);
@@ -20,6 +20,7 @@ from flows.srum import srum_rounds
 from tasks import freshness as fr
 from tasks.atomic import clear_staging
 from tasks.bootstrap import autoencoder_task, release_task, tokenizer_task
+from tasks.bootstrap_vit import vit_task
 from tasks.datasets import all_names, build_dataset_task, validate_dataset_task
 from tasks.evaluate import evaluate_task
 from tasks.lock import artifacts_lock
@@ -56,7 +57,7 @@ def bootstrap_release(ledger: fr.Ledger, params, log) -> None:
     if params.model.release:
         log.info("starting from the release directory %s (model.release); nothing to bootstrap", params.model.release)
         return
-    steps = (tokenizer_task, autoencoder_task, release_task)
+    steps = (tokenizer_task, autoencoder_task, vit_task, release_task)
     for stage, step in zip(fr.BOOTSTRAP_STAGES, steps):
         ledger.run_if_stale(stage, step, params, log=log)
 

@@ -46,12 +46,24 @@ class AutoencoderTrainConfig(Strict):
     kl_weight: float = Field(1e-6, ge=0)
 
 
+class VitPretrainConfig(Strict):
+    """The tiny release's ViT, pretrained in the chain on the subject world's exact labels (model.bagel.vit_pretrain),
+    as BAGEL's SigLIP arrives pretrained. steps 0: the release keeps a fresh ViT."""
+
+    steps: int = Field(1500, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    images: int = Field(8192, ge=1, description="training scenes, drawn from the training combinations")
+    heldout_images: int = Field(256, ge=1, description="scenes of the held-out combinations, for the accuracies")
+
+
 class BootstrapConfig(Strict):
     """What a BAGEL release brings ready-made, made in the chain for a preset (model.bagel.bootstrap)."""
 
     seed: int = 0
     tokenizer_vocab_size: int = Field(512, ge=300, description="byte-level BPE size, specials included")
     autoencoder: AutoencoderTrainConfig = AutoencoderTrainConfig()
+    vit: VitPretrainConfig = VitPretrainConfig()
 
 
 class ModelConfig(Strict):

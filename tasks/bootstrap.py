@@ -1,9 +1,10 @@
 """The release directory the chain starts from, made in the chain (a GPU user downloads theirs instead).
 
-Three steps, each its own DVC stage so one changing does not redo the others: the tokenizer (a byte-level BPE on
+Four steps, each its own DVC stage so one changing does not redo the others: the tokenizer (a byte-level BPE on
 the subject world's text, in the Qwen2 file layout), the autoencoder (the FLUX architecture at the preset's size,
-trained on the training datasets' images) and the release itself (fresh language model and ViT of the preset,
-the two above, written as a BAGEL release directory). Each writes in staging and swaps in on success.
+trained on the training datasets' images), the ViT (the preset's SigLIP, pretrained on the subject world's exact
+per-token labels, as BAGEL's arrives pretrained) and the release itself (a fresh language model of the preset and
+the three above, written as a BAGEL release directory). Each writes in staging and swaps in on success.
 """
 from __future__ import annotations
 
@@ -66,13 +67,15 @@ def autoencoder_step(params: Params) -> dict:
 
 def release_step(params: Params) -> dict:
     from model.bagel.bootstrap import assemble_release
+    from model.bagel.release import read_pretrained_vit
 
     _check_bootstrapped(params)
     paths = Paths.from_params(params)
     out = paths.release(params)
     with staged(paths.root, "release") as tmp:
         assemble_release(paths.bootstrap / "tokenizer", paths.bootstrap / "autoencoder", tmp / out.name,
-                         preset_name=params.model.preset, seed=params.model.bootstrap.seed)
+                         preset_name=params.model.preset, seed=params.model.bootstrap.seed,
+                         vit_state=read_pretrained_vit(paths.bootstrap / "vit"))
         publish([(tmp / out.name, out)])
     files = sorted(p.name for p in out.iterdir())
     print(f"release: {params.model.preset} preset -> {out} ({', '.join(files)})")

@@ -59,7 +59,7 @@ BUILD_STAGES = {
     "mige_bench": "build_mige_bench",
 }
 VALIDATE_STAGE = "validate_data"
-BOOTSTRAP_STAGES = ("bootstrap_tokenizer", "bootstrap_autoencoder", "bootstrap_release")
+BOOTSTRAP_STAGES = ("bootstrap_tokenizer", "bootstrap_autoencoder", "bootstrap_vit", "bootstrap_release")
 REGISTER_STAGE = "register"
 REPORT_STAGE = "report"
 

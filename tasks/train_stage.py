@@ -73,7 +73,7 @@ def _init_and_family(params: Params, stage, paths: Paths) -> tuple[Path, str]:
     init = paths.checkpoint(stage.init_from) if stage.init_from else paths.release(params)
     if not init.is_dir():
         how = ("train that stage first" if stage.init_from else
-               "run `scone bootstrap tokenizer|autoencoder|release` (or point model.release at a downloaded one)")
+               "run `scone bootstrap tokenizer|autoencoder|vit|release` (or point model.release at a downloaded one)")
         raise FileNotFoundError(f"the stage starts from {init}, which does not exist: {how}")
     return init, FAMILY_SPEC
 

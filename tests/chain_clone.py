@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
     "data": {"sizes": {"base": 24, "multi_candidate": 24, "bench_per_task": 2, "srum_prompts": 7, "mico": 9, "mige_edit": 4,
                        "t2i_pretrain": 14, "und_pretrain": 16, "und_heldout": 4}},
-    # the release the chain starts from: a tokenizer, a briefly trained autoencoder, fresh weights
-    "model": {"bootstrap": {"autoencoder": {"steps": 4, "batch_size": 4}}},
+    # the release the chain starts from: a tokenizer, a briefly trained autoencoder and ViT, fresh language model
+    "model": {"bootstrap": {"autoencoder": {"steps": 4, "batch_size": 4},
+                            "vit": {"steps": 3, "batch_size": 4, "images": 8, "heldout_images": 4}}},
     "train": {"micro_batch": 4, "save_every": 2, "stages": {
         "und_pretrain": {"steps": 3, "warmup_steps": 0},
         "stage1_step1": {"steps": 6, "warmup_steps": 1},

@@ -256,3 +256,28 @@ def test_release_refuses_an_autoencoder_of_another_shape(tmp_path, tokenizer_dir
     assert not (tmp_path / "release").exists()
     with pytest.raises(ReleaseError, match="no ae.safetensors"):
         bs.assemble_release(tokenizer_dir, tmp_path / "nothing", tmp_path / "release", seed=0)
+
+
+def test_release_takes_the_pretrained_vit_exactly_and_refuses_one_of_another_shape(tmp_path, tokenizer_dir, ae_dir):
+    from model.bagel.release import read_pretrained_vit
+    from model.bagel.siglip import SiglipVisionModel
+    from model.bagel.vit_pretrain import save_vit
+
+    vit = SiglipVisionModel(preset("tiny").vit)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(1.0)  # distinctive: no fresh initialisation has these values
+    save_vit(vit, tmp_path / "vit", {"steps": 0})
+    release = load_release(bs.assemble_release(tokenizer_dir, ae_dir, tmp_path / "release", seed=3,
+                                               vit_state=read_pretrained_vit(tmp_path / "vit")))
+    for key, value in vit.state_dict().items():
+        assert torch.equal(release.model.vit_model.state_dict()[key], value), key
+
+    small = SiglipVisionModel(preset("tiny").vit.model_copy(update={"hidden_size": 32, "intermediate_size": 64}))
+    save_vit(small, tmp_path / "small", {"steps": 0})
+    with pytest.raises(ReleaseError, match="shape mismatches"):
+        bs.assemble_release(tokenizer_dir, ae_dir, tmp_path / "refused", seed=3,
+                            vit_state=read_pretrained_vit(tmp_path / "small"))
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ReleaseError, match="scone bootstrap vit"):
+        read_pretrained_vit(tmp_path / "nothing")

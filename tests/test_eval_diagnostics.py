@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from data.records import Case
+from data.render import token_cover
 from data.scene import Placement, Scene, Subject
 from evaluation.diagnostics import (DIAG_PREFIX, FILES, SheetRow, agreement, bridge_case, contact_sheet, headline,
-                                    mlflow_metrics, pearson, roc_auc, sign_agreement, token_cover, token_labels)
+                                    mlflow_metrics, pearson, roc_auc, sign_agreement, token_labels)
 
 
 def _subject(colour: str, category: str = "square") -> Subject:

@@ -100,7 +100,7 @@ SCORES = {evaluate_stage(n) for n in ("und_pretrain", *CHECKPOINTS)}  # und_pret
 EDITS = {
     "evaluation/sconeeval.py": {"srum@srum_round1", *SCORES},
     # register too: the logged MLflow model generates its input example with the project's pipeline; the
-    # bootstrap stages (tokenizer, autoencoder, release) name only the files they import, not the sampler
+    # bootstrap stages (tokenizer, autoencoder, ViT, release) name only the files they import, not the sampler
     "model/bagel/generate.py": {"srum@srum_round1", "register", *(f"train@{s}" for s in ("und_pretrain", *CHECKPOINTS[:4])),
                                 *SCORES},
     "registry/gate.py": {"register", "report"},

@@ -296,13 +296,14 @@ def _read_autoencoder(ae_dir: Path) -> tuple[AutoencoderConfig, dict[str, torch.
 
 
 def assemble_release(tokenizer_dir: str | Path, ae_dir: str | Path, out_dir: str | Path, *,
-                     preset_name: str = "tiny", seed: int) -> Path:
+                     preset_name: str = "tiny", seed: int, vit_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a release directory to `out_dir` (which must be absent or empty) and return it.
 
     Architecture: the preset's, its autoencoder replaced by `ae_dir`'s hyperparameters and its vocab_size by
     `fit_vocab`. Weights: fresh (`BagelModel.init_fresh` under torch.manual_seed(seed); the global RNG is left as
     it was) for the language model, ViT, connector and the small joining modules; the autoencoder's from `ae_dir`,
-    checked key by key and shape by shape. Tokenizer: `tokenizer_dir`'s files, copied unchanged. Plus the
+    checked key by key and shape by shape; the ViT's from `vit_state` when given (`vit_model.*` names, as
+    model.bagel.vit_pretrain.read_vit returns them), checked the same way. Tokenizer: `tokenizer_dir`'s files, copied unchanged. Plus the
     `config.json` marker (family.mark_release). Same inputs and seed give byte-identical files.
 
     The directory is written next to `out_dir` and renamed into place, so an interrupted run leaves no
@@ -322,6 +323,11 @@ def assemble_release(tokenizer_dir: str | Path, ae_dir: str | Path, out_dir: str
     expected = {k: tuple(v.shape) for k, v in model.ae.state_dict().items()}
     check_keys(expected, {k: tuple(v.shape) for k, v in ae_state.items()}, str(ae_dir / AE_FILE))
     model.ae.load_state_dict(ae_state, strict=True)
+    if vit_state is not None:
+        vit_state = {k.removeprefix("vit_model."): v for k, v in vit_state.items()}
+        check_keys({k: tuple(v.shape) for k, v in model.vit_model.state_dict().items()},
+                   {k: tuple(v.shape) for k, v in vit_state.items()}, "the pretrained ViT (vit.safetensors)")
+        model.vit_model.load_state_dict(vit_state, strict=True)
 
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     if staging.exists():

@@ -36,6 +36,7 @@ from model.bagel.packing import SpecialTokens
 
 WEIGHT_NAMES = ("ema.safetensors", "model.safetensors")
 AE_FILE = "ae.safetensors"
+VIT_FILE = "vit.safetensors"  # a pretrained ViT alone (`vit_model.*`), as the chain's bootstrap makes it
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json")
 # The four markers BAGEL adds to Qwen2's vocabulary when missing, in this order (ids follow the order).
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
@@ -153,6 +154,16 @@ def _open_release(directory: Path, config_overrides: dict) -> tuple[WeightFiles,
     check_keys({k: s for k, s in expected.items() if not k.startswith(AE_PREFIX)}, main_shapes, weights.name)
     check_keys({k[len(AE_PREFIX):]: s for k, s in expected.items() if k.startswith(AE_PREFIX)}, ae_shapes, AE_FILE)
     return weights, ae_path, cfg, tokenizer, special, model
+
+
+def read_pretrained_vit(vit_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The `vit_model.*` tensors of a pretrained ViT directory (model.bagel.vit_pretrain.save_vit writes it)."""
+    path = Path(vit_dir) / VIT_FILE
+    if not path.exists():
+        raise ReleaseError(f"{path} is missing: run `scone bootstrap vit` first (model.bootstrap.vit.steps: 0 "
+                           "makes one with a fresh ViT)")
+    with safe_open(str(path), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
 
 
 def load_release(directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
