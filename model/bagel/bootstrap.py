@@ -303,8 +303,8 @@ def assemble_release(tokenizer_dir: str | Path, ae_dir: str | Path, out_dir: str
     `fit_vocab`. Weights: fresh (`BagelModel.init_fresh` under torch.manual_seed(seed); the global RNG is left as
     it was) for the language model, ViT, connector and the small joining modules; the autoencoder's from `ae_dir`,
     checked key by key and shape by shape; the ViT's from `vit_state` when given (`vit_model.*` names, as
-    model.bagel.vit_pretrain.read_vit returns them), checked the same way. Tokenizer: `tokenizer_dir`'s files, copied unchanged. Plus the
-    `config.json` marker (family.mark_release). Same inputs and seed give byte-identical files.
+    model.bagel.release.read_pretrained_vit returns them), checked the same way. Tokenizer: `tokenizer_dir`'s
+    files, copied unchanged. Plus the `config.json` marker (family.mark_release). Same inputs and seed give byte-identical files.
 
     The directory is written next to `out_dir` and renamed into place, so an interrupted run leaves no
     half-release behind to be mistaken for a finished one."""
