@@ -195,6 +195,17 @@ def visible_fraction(scene: Scene, i: int) -> float:
     return float(subject_mask(scene, i).sum() / own) if own else 0.0
 
 
+def area_weights(src: int, dst: int) -> np.ndarray:
+    """[dst, src] matrix: share of each source cell inside each destination cell (rows sum to 1). Area-averaging a
+    pixel map onto a token grid is `area_weights(h, rows) @ map @ area_weights(w, cols).T`; the SRUM reward map
+    (model.reward_map) and the diagnostics' token cover both do it this one way."""
+    edges = np.linspace(0.0, src, dst + 1)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    cells = np.arange(src)[None, :]
+    overlap = np.clip(np.minimum(hi, cells + 1) - np.maximum(lo, cells), 0.0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
 def token_cover(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Share of each token's pixels that `mask` (H x W, bool) covers, on a (rows, cols) token grid (area average,
     as the pipeline's resize of the image onto the model's side maps pixels to tokens)."""
@@ -203,14 +214,7 @@ def token_cover(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     h, w = m.shape
     if h % rows == 0 and w % cols == 0:
         return m.reshape(rows, h // rows, cols, w // cols).mean(axis=(1, 3))
-    return (_area_weights(rows, h) @ m @ _area_weights(cols, w).T).astype(np.float32)
-
-
-def _area_weights(n: int, size: int) -> np.ndarray:
-    """(n, size): share of token i's span [i size / n, (i + 1) size / n) that pixel p's [p, p + 1) covers."""
-    edges = np.arange(n + 1) * size / n
-    lo, hi = np.maximum(edges[:-1, None], np.arange(size)[None]), np.minimum(edges[1:, None], np.arange(size)[None] + 1)
-    return np.clip(hi - lo, 0, None) / (size / n)
+    return (area_weights(h, rows) @ m @ area_weights(w, cols).T).astype(np.float32)
 
 
 def encode_png(image: Image.Image | np.ndarray) -> bytes:

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from data.render import area_weights
+
 NEUTRAL = 0.5
 GLOBAL_OBJECT = "global_layout_reward"
 
@@ -123,15 +125,6 @@ def reward_map(vlm_rewards: Sequence[dict], width: int, height: int) -> np.ndarr
     return rmap * np.float32(score_to_unit(0.0 if global_score is None else global_score))
 
 
-def _area_weights(src: int, dst: int) -> np.ndarray:
-    """[dst, src] matrix: share of each source cell inside each destination cell (rows sum to 1)."""
-    edges = np.linspace(0.0, src, dst + 1)
-    lo, hi = edges[:-1, None], edges[1:, None]
-    cells = np.arange(src)[None, :]
-    overlap = np.clip(np.minimum(hi, cells + 1) - np.maximum(lo, cells), 0.0, None)
-    return overlap / overlap.sum(axis=1, keepdims=True)
-
-
 def to_latent_grid(rmap: np.ndarray, grid: int | tuple[int, int]) -> np.ndarray:
     """Area-average a [H, W] map (or a stack [..., H, W]) down to the latent token grid.
 
@@ -147,7 +140,7 @@ def to_latent_grid(rmap: np.ndarray, grid: int | tuple[int, int]) -> np.ndarray:
     h, w = rmap.shape[-2:]
     if rows > h or cols > w:
         raise ValueError(f"to_latent_grid: grid {rows}x{cols} is finer than the {h}x{w} map")
-    out = _area_weights(h, rows) @ rmap @ _area_weights(w, cols).T
+    out = area_weights(h, rows) @ rmap @ area_weights(w, cols).T
     return out.astype(np.float32)
 
 

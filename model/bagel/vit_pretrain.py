@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ VIT_METRICS = "vit_pretrain.json"
 COVER = 0.25  # a token belongs to the subject covering the most of it, if at least this share; else background
 
 
+@lru_cache(maxsize=1)
 def _vocabularies() -> dict[str, tuple[str, ...]]:
     from data.scene import CHARACTER_CATEGORIES, COLOURS, OBJECT_CATEGORIES, SCENES, TEXTURES
 
