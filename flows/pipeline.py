@@ -3,6 +3,10 @@
 build_data -> validate_data -> bootstrap (tokenizer, autoencoder, ViT, release) -> und_pretrain -> stage1_step1 -> stage1_step2 -> stage2_step1 (bridge) -> stage2_step2
 -> srum rounds -> evaluate (each checkpoint) -> register + gate (each checkpoint, in order) -> report
 
+Each checkpoint of the training stages is scored while the next stage trains (`ScoringBesideTraining`): training
+runs in its own torchrun processes, so on a 2-core machine the second core scores instead of sitting idle. The
+SRUM rounds train in this process and wait for the scoring in flight.
+
 Each step asks DVC whether its stage is up to date (code, params and upstream outputs, as `dvc.yaml` lists them);
 a stale step runs and, only then, its stage is recorded in dvc.lock (tasks.freshness). So `dvc repro` afterwards
 re-runs nothing, and a code change re-runs exactly the stages that depend on that code, and what follows them.
@@ -11,7 +15,8 @@ The flow holds the artifacts lock (tasks.lock) from start to end: one chain writ
 from __future__ import annotations
 
 from pathlib import Path
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import publish_run_artifacts
 from flows.params import load_params
@@ -62,6 +67,43 @@ def bootstrap_release(ledger: fr.Ledger, params, log) -> None:
         ledger.run_if_stale(stage, step, params, log=log)
 
 
+@task(name="score_checkpoint", task_run_name="score-{name}", cache_policy=NO_CACHE)
+def score_checkpoint(ledger: fr.Ledger, params, name: str):
+    """Score `name` when DVC calls its evaluate stage stale, and record it (the ledger serialises DVC calls)."""
+    return ledger.run_if_stale(fr.evaluate_stage(name), evaluate_task, params, name, log=get_run_logger())
+
+
+class ScoringBesideTraining:
+    """One checkpoint's scoring at a time in a Prefect worker thread, started after its stage is recorded and
+    waited for before the next one starts. A scoring failure surfaces at that wait, after the training beside it
+    has finished and been recorded; nothing finished is lost."""
+
+    def __init__(self, ledger: fr.Ledger, params, enabled: bool):
+        self.ledger, self.params, self.enabled = ledger, params, enabled
+        self.pending = None
+        self.started: set[str] = set()
+
+    def start(self, name: str) -> None:
+        if not self.enabled:
+            return
+        self.wait()
+        self.pending = score_checkpoint.submit(self.ledger, self.params, name)
+        self.started.add(name)
+
+    def wait(self) -> None:
+        """Block until the scoring in flight has finished; raise its error."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def settle(self) -> None:
+        """On the way out after a failure: let the scoring in flight finish writing (it holds no lock of its own;
+        the chain's artifacts lock must outlive it) without hiding the failure that brought us here."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+
 @flow(name="scone-pipeline", log_prints=True)
 def scone_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, dvc_commit: bool = True) -> dict:
     log = get_run_logger()
@@ -76,17 +118,24 @@ def scone_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
         build_stale_datasets(ledger, params, log)
         ledger.run_if_stale(fr.VALIDATE_STAGE, validate_all, params, log=log)
         bootstrap_release(ledger, params, log)
-        for stage in params.pipeline.stage_order:
-            if params.pipeline.train_deployment:  # on another work pool, handed over through the DVC remote
-                if not ledger.enabled:
-                    raise ValueError(f"pipeline.train_deployment needs the DVC record ({ledger.reason}): set it in "
-                                     f"params.yaml and run without --set")
-                train_via_deployment(params.pipeline.train_deployment, params, stage, Path.cwd(), log)
-            else:
-                ledger.run_if_stale(fr.train_stage(stage), train_stage_task, params, stage, log=log)
+        scoring = ScoringBesideTraining(ledger, params, params.pipeline.score_beside_training)
+        try:
+            for stage in params.pipeline.stage_order:
+                if params.pipeline.train_deployment:  # on another work pool, handed over through the DVC remote
+                    if not ledger.enabled:
+                        raise ValueError(f"pipeline.train_deployment needs the DVC record ({ledger.reason}): set it "
+                                         f"in params.yaml and run without --set")
+                    train_via_deployment(params.pipeline.train_deployment, params, stage, Path.cwd(), log)
+                else:
+                    ledger.run_if_stale(fr.train_stage(stage), train_stage_task, params, stage, log=log)
+                scoring.start(stage)
+            scoring.wait()  # SRUM trains in this process: alone, as its determinism and speed were measured
+        finally:
+            scoring.settle()
         srum_rounds(params_path, overrides, record=dvc_commit)
         for name in checkpoint_names(params):
-            ledger.run_if_stale(fr.evaluate_stage(name), evaluate_task, params, name, log=log)
+            if name not in scoring.started:
+                ledger.run_if_stale(fr.evaluate_stage(name), evaluate_task, params, name, log=log)
         ledger.run_if_stale(fr.REGISTER_STAGE, register_all_task, params, log=log)
         ledger.run_if_stale(fr.REPORT_STAGE, report_task, params, log=log)
         publish_run_artifacts(params)

@@ -13,6 +13,10 @@ DVC rewrites dvc.lock in place, so a kill -9 during a commit can leave it cut sh
 fails on it. Before each commit the ledger keeps an atomic copy of the record as it was (`.dvc/tmp/dvc.lock.good`);
 a ledger that finds dvc.lock unreadable puts that copy back and says so. Only the interrupted stage is lost from
 the record, so that one step runs again; nothing already recorded is.
+
+The pipeline scores a checkpoint in a second thread while the next stage trains, and both threads ask and record:
+every DVC call of every ledger in the process goes through one lock (DVC's own repository lock is a file lock that
+refuses a second holder instead of waiting).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import io
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +91,7 @@ def stage_target(root: Path, stage: str) -> str:
 
 
 LOCK_BACKUP = Path(".dvc") / "tmp" / "dvc.lock.good"
+ONE_DVC_CALL = threading.RLock()  # re-entrant: record() heals the record inside its own turn
 
 
 def lock_is_readable(path: Path) -> bool:
@@ -161,9 +167,10 @@ class Ledger:
         """What DVC sees changed for `stage` (empty: up to date). A disabled ledger sees everything changed."""
         if not self.enabled:
             return [f"not checked: {self.reason}"]
-        self.heal_record()
-        with dvc_errors(f"status {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
-            status = repo.status(targets=[stage_target(self.root, stage)])
+        with ONE_DVC_CALL:
+            self.heal_record()
+            with dvc_errors(f"status {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
+                status = repo.status(targets=[stage_target(self.root, stage)])
         return [c for entries in status.values() for c in entries]
 
     def record(self, stage: str) -> None:
@@ -171,12 +178,13 @@ class Ledger:
         Call only right after the stage's step has recomputed its outputs."""
         if not self.enabled:
             return
-        self.heal_record()
-        lock = self.root / "dvc.lock"
-        if lock.exists():
-            keep_copy(lock, self.root / LOCK_BACKUP)
-        with dvc_errors(f"commit {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
-            repo.commit(stage_target(self.root, stage), force=True)
+        with ONE_DVC_CALL:
+            self.heal_record()
+            lock = self.root / "dvc.lock"
+            if lock.exists():
+                keep_copy(lock, self.root / LOCK_BACKUP)
+            with dvc_errors(f"commit {stage}"), self._repo() as repo, contextlib.redirect_stdout(io.StringIO()):
+                repo.commit(stage_target(self.root, stage), force=True)
 
     def stale(self, stage: str, log=None) -> bool:
         """Whether `stage` must run; says so (and why) on `log`, or on stdout without one."""

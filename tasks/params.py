@@ -31,6 +31,11 @@ class PipelineConfig(Strict):
         description="run training stages as this Prefect deployment (e.g. 'scone-train-stage/gpu' on a GPU work "
                     "pool) instead of in the chain's process; the stages hand over through the DVC remote",
     )
+    score_beside_training: bool = Field(
+        True,
+        description="score each checkpoint while the next stage trains (training runs in its own processes, "
+                    "scoring in the chain's); turn off when training already takes every core or device",
+    )
 
 
 class Params(Strict):

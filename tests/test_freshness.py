@@ -74,3 +74,45 @@ def test_an_unreadable_dvc_lock_without_a_copy_names_the_file_and_the_fix(projec
     (project / "dvc.lock").write_text("schema: '2.0'\nstages:\n  make: [unclosed\n")
     with pytest.raises(DvcError, match="dvc.lock is unreadable.*move dvc.lock aside"):
         Ledger.for_run(project, project / "params.yaml", None).changes("make")
+
+
+def test_a_thread_asking_while_another_records_a_slow_stage_waits_its_turn(project, monkeypatch):
+    """The pipeline scores in a second thread while the main one records training stages. DVC's repository lock
+    gives up after about 3 s, and hashing a checkpoint can take longer: every DVC call of the process takes its
+    turn instead (tasks.freshness.ONE_DVC_CALL)."""
+    import threading
+    import time
+
+    from dvc.stage import Stage
+
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        n: {"cmd": "python code.py", "deps": ["code.py"], "outs": [f"{n}.txt"]} for n in ("slow", "quick")}}))
+    for n in ("slow", "quick"):
+        (project / f"{n}.txt").write_text(n)
+    save = Stage.save
+    hashing = threading.Event()
+
+    def slow_save(stage, *args, **kwargs):  # a big checkpoint being hashed, with DVC's lock held
+        if stage.name == "slow":
+            hashing.set()
+            time.sleep(4.5)
+        return save(stage, *args, **kwargs)
+
+    monkeypatch.setattr(Stage, "save", slow_save)
+    ledger = Ledger.for_run(project, project / "params.yaml", None)
+    errors = []
+
+    def record_slow():
+        try:
+            ledger.record("slow")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    recorder = threading.Thread(target=record_slow)
+    recorder.start()
+    assert hashing.wait(30)
+    assert ledger.changes("quick")  # waits for the slow commit instead of failing on DVC's lock
+    ledger.record("quick")
+    recorder.join()
+    assert errors == []
+    assert ledger.changes("slow") == [] and ledger.changes("quick") == []

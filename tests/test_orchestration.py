@@ -131,3 +131,46 @@ def test_round_names_agree_between_params_and_paths():
     from tasks.paths import srum_name
 
     assert [srum_name(k) for k in (1, 2, 12)] == [srum_round_name(k) for k in (1, 2, 12)]
+
+
+class _Future:
+    def __init__(self, log, name, error=None):
+        self.log, self.name, self.error = log, name, error
+
+    def result(self):
+        self.log.append(f"waited {self.name}")
+        if self.error:
+            raise self.error
+
+    def wait(self):
+        self.log.append(f"settled {self.name}")
+
+
+def test_scoring_beside_training_keeps_one_in_flight_and_surfaces_its_failure(monkeypatch):
+    import flows.pipeline as pl
+
+    log = []
+    failing = RuntimeError("judge down")
+
+    def submit(ledger, params, name):
+        log.append(f"started {name}")
+        return _Future(log, name, failing if name == "b" else None)
+
+    monkeypatch.setattr(pl.score_checkpoint, "submit", submit)
+    scoring = pl.ScoringBesideTraining(ledger=None, params=None, enabled=True)
+    scoring.start("a")
+    scoring.start("b")  # a is waited for first: one scoring at a time, on the one spare core
+    assert log == ["started a", "waited a", "started b"]
+    with pytest.raises(RuntimeError, match="judge down"):
+        scoring.start("c")  # b's failure surfaces at the next wait, before anything else starts
+    assert "started c" not in log and scoring.started == {"a", "b"}
+
+    log.clear()
+    scoring = pl.ScoringBesideTraining(ledger=None, params=None, enabled=True)
+    scoring.start("a")
+    scoring.settle()  # after a training failure: the scoring finishes writing, and raises nothing over it
+    assert log == ["started a", "settled a"] and scoring.pending is None
+
+    off = pl.ScoringBesideTraining(ledger=None, params=None, enabled=False)
+    off.start("a")
+    assert off.started == set() and off.pending is None  # the pipeline then scores every checkpoint in turn
