@@ -9,7 +9,8 @@ Pieces, in the order of the paper's pipeline:
    oracle, self or openai, the SconeEval judges' backends over the same detection, matching and client).
 4. rewards: one record per candidate in the SRUM regional-reward JSONL (data.formats.srum_rewards), the
    global entry first; dense maps via model.reward_map, area-averaged to the pipeline's latent grid (rows, cols).
-5. training: model.srum_train.train_srum_round on (prompt, candidate, map, ground-truth render).
+5. training: model.srum_train.train_srum_round on (prompt, candidate, map, ground-truth render), on train.num_ranks
+   ranks through model.srum_launch.
 
 Files of round k under `out_dir/round_k/`: images/*.png, rewards.jsonl, reward_maps.npy (latent grid,
 one per record), summary.json (what run_round returns). The trained checkpoint goes to `ckpt_dir` (default
@@ -125,7 +126,8 @@ def run_round(
     openai judge the endpoint settings `openai_cfg`, an evaluation.config.OpenAIJudgeConfig).
     """
     from model.pipeline import load_pipeline, pipeline_settings
-    from model.srum_train import SrumCandidate, train_srum_round
+    from model.srum_launch import launch_srum_round
+    from model.srum_train import SrumCandidate
 
     if not prompts:
         raise ValueError("run_round needs at least one SRUM prompt; build the srum_prompts dataset first")
@@ -169,8 +171,9 @@ def run_round(
     # training loads the checkpoint afresh; a self judge would otherwise keep the sampler's copy alive through it
     del pipeline, judge
 
-    train_summary = train_srum_round(model_dir, candidates, srum_cfg, model_cfg, ckpt_dir, train=train_cfg,
-                                     progress=progress, live_metrics=live_metrics)
+    # train.num_ranks ranks, through the stages' launcher (one rank: in this process)
+    train_summary = launch_srum_round(model_dir, candidates, srum_cfg, model_cfg, ckpt_dir, round_dir,
+                                      train=train_cfg, progress=progress, live_metrics=live_metrics)
 
     globals_ = [r["vlm_rewards"][0]["score"] for r in records]
     regional = [e["score"] for r in records for e in r["vlm_rewards"][1:]]

@@ -3,9 +3,11 @@
 build_data -> validate_data -> bootstrap (tokenizer, autoencoder, ViT, release) -> und_pretrain -> stage1_step1 -> stage1_step2 -> stage2_step1 (bridge) -> stage2_step2
 -> srum rounds -> evaluate (each checkpoint) -> register + gate (each checkpoint, in order) -> report
 
-Each checkpoint of the training stages is scored while the next stage trains (`ScoringBesideTraining`): training
-runs in its own torchrun processes, so on a 2-core machine the second core scores instead of sitting idle. The
-SRUM rounds train in this process and wait for the scoring in flight.
+Each checkpoint of the training stages is scored while the next stage (or the SRUM rounds) trains
+(`ScoringBesideTraining`): on a 2-core machine the second core scores instead of sitting idle. Training's kernels run
+one thread per rank and release the GIL, in this process for one rank and under torchrun for more; neither side
+draws from torch's global random state (every draw has its own generator), so scores and weights are those of a
+one-at-a-time run (tests/test_faults.py compares them).
 
 Each step asks DVC whether its stage is up to date (code, params and upstream outputs, as `dvc.yaml` lists them);
 a stale step runs and, only then, its stage is recorded in dvc.lock (tasks.freshness). So `dvc repro` afterwards
@@ -129,10 +131,10 @@ def scone_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
                 else:
                     ledger.run_if_stale(fr.train_stage(stage), train_stage_task, params, stage, log=log)
                 scoring.start(stage)
-            scoring.wait()  # SRUM trains in this process: alone, as its determinism and speed were measured
+            srum_rounds(params_path, overrides, record=dvc_commit)
+            scoring.wait()
         finally:
             scoring.settle()
-        srum_rounds(params_path, overrides, record=dvc_commit)
         for name in checkpoint_names(params):
             if name not in scoring.started:
                 ledger.run_if_stale(fr.evaluate_stage(name), evaluate_task, params, name, log=log)

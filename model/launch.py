@@ -216,8 +216,11 @@ def read_run_config(path: str | Path) -> dict:
     }
 
 
+TRAIN_WORKER = "model.train_worker"
+
+
 def torchrun_command(run_config: Path, num_ranks: int, topology: Topology | None = None,
-                     rdzv_id: str = "scone") -> list[str]:
+                     rdzv_id: str = "scone", worker: str = TRAIN_WORKER) -> list[str]:
     """One machine: a standalone rendezvous of `num_ranks` workers. Several: every machine's torchrun meets the
     others at the c10d rendezvous on `topology.rdzv_endpoint` under the id `rdzv_id` (the same on all of them).
     torchrun assigns the global ranks at the rendezvous; --node_rank names this machine (torchrun only uses it
@@ -229,7 +232,7 @@ def torchrun_command(run_config: Path, num_ranks: int, topology: Topology | None
     else:
         cmd += [f"--nnodes={topology.nodes}", f"--node_rank={topology.node_rank}", f"--nproc_per_node={num_ranks}",
                 "--rdzv_backend=c10d", f"--rdzv_endpoint={topology.rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
-    return cmd + ["-m", "model.train_worker", str(run_config)]
+    return cmd + ["-m", worker, str(run_config)]
 
 
 def rdzv_id(stage_name: str, env: Mapping[str, str] | None = None) -> str:
@@ -356,7 +359,9 @@ def join_stage(run_config: str | Path, node_rank: int | None = None, *, wait_s: 
                             "machine 0 runs `scone train`")
     topology = Topology(nodes, node_rank, int(cfg["num_ranks"]), cfg["rdzv_endpoint"], (("node_rank", where),))
     out_dir = run_config.parent
-    _run_torchrun(torchrun_command(run_config, topology.ranks_per_node, topology, cfg["rdzv_id"]),
+    # a SRUM round's run config names its own worker (model.srum_launch)
+    _run_torchrun(torchrun_command(run_config, topology.ranks_per_node, topology, cfg["rdzv_id"],
+                                   cfg.get("worker", TRAIN_WORKER)),
                   worker_log(out_dir, topology), echo=progress, num_ranks=topology.ranks_per_node)
     return topology
 

@@ -33,8 +33,8 @@ class PipelineConfig(Strict):
     )
     score_beside_training: bool = Field(
         True,
-        description="score each checkpoint while the next stage trains (training runs in its own processes, "
-                    "scoring in the chain's); turn off when training already takes every core or device",
+        description="score each checkpoint in a second thread while the next stage trains (training runs one "
+                    "thread per rank); turn off when training already takes every core or device",
     )
 
 

@@ -113,3 +113,48 @@ def test_train_srum_round_end_to_end(bagel_release, tmp_path, monkeypatch):
     assert any(fam.expert_of(k) == "generation" for k in changed)  # the generation expert learned
     assert all(fam.expert_of(k) == "generation" for k in changed)  # the judge (understanding expert) did not move
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_the_candidates_file_gives_back_every_candidate_exactly(tmp_path):
+    from model.srum_launch import load_candidates, save_candidates
+
+    rng = np.random.default_rng(1)
+    with_refs = SrumCandidate(Example([rng.integers(0, 256, (24, 16, 3), dtype=np.uint8),
+                                       rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)], "the cat 🐈 from image 1"),
+                              rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+                              rng.random((4, 4)).astype(np.float32), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    cands = [*candidates(2), with_refs]
+    back = load_candidates(save_candidates(cands, tmp_path / "c.npz"))
+    assert len(back) == 3
+    for a, b in zip(cands, back):
+        assert a.example.instruction == b.example.instruction and len(a.example.refs) == len(b.example.refs)
+        for x, y in zip((*a.example.refs, a.image, a.reward, a.reference), (*b.example.refs, b.image, b.reward,
+                                                                              b.reference)):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+    with pytest.raises(FileNotFoundError, match="candidates file is missing"):
+        load_candidates(tmp_path / "none.npz")
+
+
+@pytest.mark.slow
+def test_a_round_trains_on_two_torchrun_ranks_through_the_stage_launcher(bagel_release, tmp_path):
+    from model.launch import TRAIN_WORKER
+    from model.srum_launch import CANDIDATES, RUN_CONFIG, WORKER, launch_srum_round
+
+    srum = SrumConfig(steps=3, micro_batch=1, warmup_steps=1, lr=1e-3, bridge=False)
+    cfg = ModelConfig()
+    grid = load_round_model(bagel_release, srum, cfg).grid
+    train = TrainConfig(num_ranks=2, zero_stage=2, precision="fp32", stages={"srum": srum_stage(srum)})
+    cands = candidates(4, grid=grid, side=cfg.image_size)
+    summary = launch_srum_round(bagel_release, cands, srum, cfg, tmp_path / "ckpt", tmp_path / "round",
+                                train=train)
+
+    assert summary["num_ranks"] == 2 and summary["samples_seen"] == 3 * 2  # one candidate per rank per step
+    a, b = summary["rank_weight_checksums"]
+    assert a == b  # both ranks end on the same weights
+    run_config = json.loads((tmp_path / "round" / RUN_CONFIG).read_text())
+    assert run_config["worker"] == WORKER != TRAIN_WORKER and run_config["num_ranks"] == 2
+    assert (tmp_path / "round" / CANDIDATES).is_file() and (tmp_path / "round" / "worker.log").is_file()
+    before = load_release(bagel_release).model.state_dict()
+    after = load_release(tmp_path / "ckpt").model.state_dict()  # rank 0 saved a release directory
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(fam.expert_of(k) == "generation" for k in changed)
