@@ -187,9 +187,13 @@ def write_run_config(stage_name: str, stage: StageConfig, train: TrainConfig, mo
         "max_quarantine_fraction": max_quarantine_fraction,
         "live_metrics": live_metrics,
     }
-    path = out_dir / RUN_CONFIG
-    # through a private name and a rename: another machine's workers may be reading the file right now
-    tmp = out_dir / f".{RUN_CONFIG}.{socket.gethostname()}.{os.getpid()}"
+    return write_config_file(out_dir / RUN_CONFIG, cfg)
+
+
+def write_config_file(path: Path, cfg: dict) -> Path:
+    """`cfg` as JSON at `path`, through a private name and a rename: another machine's workers may be reading the
+    file right now."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
     tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     os.replace(tmp, path)
     return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +18,8 @@ import numpy as np
 
 from model.batching import Example
 from model.config import ModelConfig, SrumConfig, TrainConfig
-from model.launch import StageLaunchError, _rel, _run_torchrun, rdzv_id, resolve_topology, torchrun_command, worker_log
+from model.launch import (StageLaunchError, _rel, _run_torchrun, rdzv_id, resolve_topology, torchrun_command,
+                          worker_log, write_config_file)
 from model.run_identity import SUMMARY
 from model.srum_train import SrumCandidate, train_srum_round
 
@@ -82,11 +82,7 @@ def write_srum_run_config(work_dir: Path, model_dir: Path, candidates: Path, sru
         "rdzv_endpoint": topology.rdzv_endpoint,
         "rdzv_id": rendezvous if topology.multi_node else None,
     }
-    path = work_dir / RUN_CONFIG
-    tmp = work_dir / f".{RUN_CONFIG}.{socket.gethostname()}.{os.getpid()}"
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_config_file(work_dir / RUN_CONFIG, cfg)
 
 
 def read_srum_run_config(path: str | Path) -> dict:
