@@ -1,7 +1,8 @@
 """The whole chain as one Prefect flow: the stages of `dvc.yaml`, in its order, with DVC deciding what is stale.
 
 build_data -> validate_data -> bootstrap (tokenizer, autoencoder, ViT, release) -> und_pretrain -> stage1_step1 -> stage1_step2 -> stage2_step1 (bridge) -> stage2_step2
--> srum rounds -> evaluate (each checkpoint) -> register + gate (each checkpoint, in order) -> report
+-> srum rounds -> evaluate (each checkpoint; a stage's beside the next training) -> register + gate (each checkpoint,
+in order) -> report
 
 Each checkpoint of the training stages is scored while the next stage (or the SRUM rounds) trains
 (`ScoringBesideTraining`): on a 2-core machine the second core scores instead of sitting idle. Training's kernels run

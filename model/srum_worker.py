@@ -14,9 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m model.srum_worker", description=__doc__)
     ap.add_argument("run_config", help="srum_run_config.json written by model.srum_launch.launch_srum_round")
     args = ap.parse_args(argv)
-    kwargs = read_srum_run_config(args.run_config)
-    train_srum_round(kwargs.pop("model_dir"), kwargs.pop("candidates"), kwargs.pop("srum_cfg"),
-                     kwargs.pop("model_cfg"), kwargs.pop("out_dir"), **kwargs)
+    train_srum_round(**read_srum_run_config(args.run_config))
     import torch.distributed as dist
 
     if dist.is_initialized():
